@@ -1,0 +1,78 @@
+"""Measurement helpers shared by the benchmark scripts (CPU, Linux).
+
+Time: median wall time of repeated calls after warm-up. Peak memory: the process's peak resident set size
+(VmHWM) during one call minus its resident size (VmRSS) just before, after returning freed heap memory to the
+OS (malloc_trim) and resetting the peak (writing 5 to /proc/self/clear_refs). It counts everything the call
+touches, including kernel workspaces and the tensors it returns, and excludes the model and the input.
+"""
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from typing import Callable, List, Sequence
+
+import torch
+
+_LIBC = ctypes.CDLL('libc.so.6')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_tests_reference():
+    """Import the plain formulations of tests/reference.py (shared with the tests, not part of the package)."""
+    sys.path.insert(0, os.path.join(REPO, 'tests'))
+    import reference
+    return reference
+
+
+def _proc_status(key: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f'{key} not in /proc/self/status')
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak resident bytes that one call of ``fn`` adds to the process (see module docstring)."""
+    gc.collect()
+    _LIBC.malloc_trim(0)
+    base = _proc_status('VmRSS:')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    out = fn()
+    peak = _proc_status('VmHWM:') - base
+    del out
+    return peak
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds per call of ``fn`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_table(header: Sequence[str], rows: List[Sequence[object]]) -> None:
+    """Print a GitHub-markdown table."""
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
+    print(fmt(cells[0]))
+    print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    for r in cells[1:]:
+        print(fmt(r))
+
+
+def env_line(threads: int) -> str:
+    """One line describing the machine and versions."""
+    import platform
+    import timm
+    return (f'torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, '
+            f'{threads} threads, {os.cpu_count()} cores visible')

@@ -1,0 +1,44 @@
+"""Gaussian-based pooling (Kobayashi, NeurIPS 2019)."""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from timm.layers import register_notrace_module
+
+__all__ = ['GaussianPool2d']
+
+
+@register_notrace_module
+class GaussianPool2d(nn.Module):
+    """``y = mean + softplus(eta) * std`` of each ``s x s`` window.
+
+    ``eta`` is an input-dependent, per-channel Gaussian variable: its mean ``mu`` and deviation ``sigma``
+    come from the globally averaged input; training samples ``eta = mu + sigma * noise`` per output
+    element, eval uses ``eta = mu`` (deterministic).
+    """
+
+    def __init__(self, channels: int, stride: int = 2, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.channels = channels
+        self.stride = stride
+        self.eps = eps
+        self.mu = nn.Conv2d(channels, channels, 1, **dd)
+        self.sigma = nn.Conv2d(channels, channels, 1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(
+                'GaussianPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
+        s = self.stride
+        mean = F.avg_pool2d(x, s, s, ceil_mode=True)
+        var = F.avg_pool2d(x * x, s, s, ceil_mode=True) - mean * mean
+        std = (var.clamp(min=0) + self.eps).sqrt()
+        g = x.mean((2, 3), keepdim=True)
+        eta = self.mu(g)
+        if self.training:
+            eta = eta + F.softplus(self.sigma(g)) * torch.randn_like(mean)
+        return mean + F.softplus(eta) * std
+
+    def extra_repr(self) -> str:
+        return f'channels={self.channels}, stride={self.stride}'

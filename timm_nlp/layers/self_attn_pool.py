@@ -1,0 +1,139 @@
+"""Non-local importance of Self-Attentive Pooling (Chen et al., WACV 2023, arXiv 2209.07659).
+
+Patch embedding (conv k=p, stride p, or a deformable conv for dfmnlp), a learned 2-D position
+embedding resampled to any token grid, multi-head self-attention through
+``F.scaled_dot_product_attention`` (timm's ``Attention``: no materialised N x N matrix), then restore:
+nearest up-sampling, conv1x1, BN and sigmoid.
+"""
+import math
+from typing import Optional, Tuple, Type
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import deform_conv2d
+
+from timm.layers import Attention, trunc_normal_
+
+__all__ = ['DeformConv2d', 'SelfAttentiveImportance', 'nlp_embed_dim']
+
+
+def nlp_embed_dim(channels: int, embed_ratio: float, num_heads: int) -> int:
+    """Embedding width ``D = round(ratio * C / heads) * heads``, at least ``heads``."""
+    return max(num_heads, int(round(embed_ratio * channels / num_heads)) * num_heads)
+
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution (Dai et al., ICCV 2017) with offsets predicted from its input.
+
+    The offset branch is a plain conv of the same geometry, zero-initialised so the layer starts as a
+    regular convolution. The sampling itself is ``torchvision.ops.deform_conv2d``.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            kernel_size: int,
+            stride: int = 1,
+            padding: int = 0,
+            bias: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.stride = stride
+        self.padding = padding
+        self.weight = nn.Parameter(torch.empty(out_chs, in_chs, kernel_size, kernel_size, **dd))
+        self.bias = nn.Parameter(torch.empty(out_chs, **dd)) if bias else None
+        self.offset = nn.Conv2d(in_chs, 2 * kernel_size * kernel_size, kernel_size, stride, padding, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does
+        dtype = self.weight.dtype
+        return deform_conv2d(
+            x.to(dtype), self.offset(x).to(dtype), self.weight, self.bias, stride=(self.stride, self.stride),
+            padding=(self.padding, self.padding))
+
+
+class SelfAttentiveImportance(nn.Module):
+    """Non-local importance logit in (0, 1) for an input of ``channels`` channels.
+
+    Args:
+        channels: Input channels C.
+        patch_size: Patch (token) size p; maps whose side is not a multiple of p are zero-padded.
+        embed_ratio: Embedding width D relative to C (rounded to a multiple of the head count).
+        num_heads: Attention heads; default ``max(1, C // 16)``.
+        deformable: Use a deformable patch embedding (dfmnlp).
+        pos_size: Side of the learned position-embedding grid, bilinearly resampled to the token grid.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            patch_size: int = 1,
+            embed_ratio: float = 1.,
+            num_heads: Optional[int] = None,
+            deformable: bool = False,
+            pos_size: int = 14,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_heads = num_heads or max(1, channels // 16)
+        if patch_size < 1 or num_heads < 1 or embed_ratio <= 0 or pos_size < 1:
+            raise ValueError(f'Invalid self-attentive pooling arguments: patch_size={patch_size}, '
+                             f'num_heads={num_heads}, embed_ratio={embed_ratio}, pos_size={pos_size} '
+                             f'(patch_size, num_heads and pos_size must be >= 1, embed_ratio > 0).')
+        embed_dim = nlp_embed_dim(channels, embed_ratio, num_heads)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        embed_layer = DeformConv2d if deformable else nn.Conv2d
+        self.patch_embed = embed_layer(channels, embed_dim, patch_size, stride=patch_size, bias=False, **dd)
+        self.norm = norm_layer(embed_dim, **dd)
+        self.act = act_layer(inplace=True)
+        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, pos_size, pos_size, **dd))
+        self.attn = Attention(embed_dim, num_heads=num_heads, qkv_bias=True, **dd)
+        self.restore = nn.Conv2d(embed_dim, channels, 1, bias=False, **dd)
+        self.restore_norm = norm_layer(channels, **dd)
+        trunc_normal_(self.pos_embed, std=.02)
+
+    def _pos_embed(self, size: Tuple[int, int]) -> torch.Tensor:
+        if size[0] == self.pos_embed.shape[-2] and size[1] == self.pos_embed.shape[-1]:
+            return self.pos_embed
+        return F.interpolate(self.pos_embed, size=size, mode='bilinear', align_corners=False)
+
+    def _upsample(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        if self.patch_size == 1:
+            return t
+        t = F.interpolate(t, scale_factor=float(self.patch_size), mode='nearest')
+        return t[:, :, :size[0], :size[1]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        p = self.patch_size
+        pad_h, pad_w = (p - H % p) % p, (p - W % p) % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        t = self.act(self.norm(self.patch_embed(x)))
+        Hp, Wp = t.shape[-2], t.shape[-1]
+        t = t + self._pos_embed((Hp, Wp))
+        t = self.attn(t.flatten(2).transpose(1, 2))
+        t = t.transpose(1, 2).reshape(B, self.embed_dim, Hp, Wp)
+        if self.training:
+            # BN batch statistics are defined over the full-resolution map: restore after up-sampling
+            return self.restore_norm(self.restore(self._upsample(t, (H, W)))).sigmoid()
+        # in eval conv1x1, BN and sigmoid are pointwise, so they commute with nearest up-sampling
+        return self._upsample(self.restore_norm(self.restore(t)).sigmoid(), (H, W))
