@@ -1,12 +1,25 @@
-"""Naming grammar of timm-nlp: pooling names such as ``nlp_headfix2_nowin_reduced``.
+"""Naming grammar of timm-nlp, in one place.
 
-A pooling name is ``METHOD[_MODIFIER...]``. Parsing is case-insensitive and modifiers may come in any
-order; the canonical form lists them in the order of ``POOL_MODIFIERS``.
+Pooling names: ``METHOD[_MODIFIER...]`` (``nlp_headfix2_nowin_reduced``); modifiers may come in any order,
+the canonical form lists them in the order of ``POOL_MODIFIERS``.
+
+Architectures, two spellings of one ``ArchSpec``:
+
+* seed form (the paper's code): ``[prepool-POOL-S-][dy]BACKBONE-POOL-STRIDES``, e.g.
+  ``prepool-nlp_headfix2-4-resnet18-nlp_headfix2-1222``;
+* timm form (registered model names): ``[prepool_POOL_S_][dy]PREFIX_POOL_STRIDES``, e.g.
+  ``prepool_nlp_headfix2_4_resnet18_nlp_headfix2_1222``, ``mobilenetv2_nlp_4222121``.
+
+Parsing is case-insensitive; every malformed string raises a ValueError naming the bad token and the
+valid choices.
 """
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, Optional, Tuple, Union
 
-__all__ = ['POOL_METHODS', 'NONLOCAL_METHODS', 'POOL_MODIFIERS', 'PoolSpec']
+__all__ = [
+    'POOL_METHODS', 'NONLOCAL_METHODS', 'POOL_MODIFIERS', 'PoolSpec', 'Backbone', 'BACKBONES', 'SEED_ALIASES',
+    'ArchSpec',
+]
 
 POOL_METHODS = ('skip', 'maxp', 'avgp', 'lip', 'gaussian_pool', 'nlp', 'dfmnlp', 'mixp', 'dfmixp')
 NONLOCAL_METHODS = ('nlp', 'dfmnlp', 'mixp', 'dfmixp')
@@ -66,3 +79,211 @@ class PoolSpec:
 
     def __str__(self) -> str:
         return '_'.join((self.method,) + self.modifiers)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone of the grammar and the timm model it is built from."""
+    seed: str
+    base: str
+    prefix: str
+    stock: str
+    family: str
+    stem_strides: Tuple[int, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stock)
+
+
+BACKBONES: Dict[str, Backbone] = {b.seed: b for b in (
+    Backbone('resnet18', 'resnet18', 'resnet18', '1222', 'resnet', (2, 2)),
+    Backbone('resnet50', 'resnet50', 'resnet50', '1222', 'resnet', (2, 2)),
+    Backbone('resnet18_v2', 'resnetv2_18', 'resnetv2_18', '1222', 'resnetv2', (2, 2)),
+    Backbone('resnet50_v2', 'resnetv2_50', 'resnetv2_50', '1222', 'resnetv2', (2, 2)),
+    Backbone('mobilenet_v2', 'mobilenetv2_100', 'mobilenetv2', '1222121', 'efficientnet', (2,)),
+)}
+# the paper's code had two MobileNetV2 implementations under these names
+SEED_ALIASES = {'mobilenet': 'mobilenet_v2'}
+_BY_PREFIX = {b.prefix: b for b in BACKBONES.values()}
+
+
+def _choices(names) -> str:
+    return ', '.join(names)
+
+
+def _parse_strides(token: str, backbone: Backbone, where: str) -> Tuple[int, ...]:
+    if not (token.isdigit() and len(token) == backbone.num_stages and '0' not in token):
+        raise ValueError(
+            f"Invalid stride digits '{token}' in '{where}': {backbone.seed} takes {backbone.num_stages} digits 1-9, "
+            f"one per stage (stock: {backbone.stock}).")
+    return tuple(int(c) for c in token)
+
+
+def _parse_pool(token: str, where: str, what: str = 'pooling') -> PoolSpec:
+    try:
+        return PoolSpec.parse(token)
+    except ValueError as e:
+        raise ValueError(f"Invalid {what} '{token}' in '{where}': {e}") from None
+
+
+def _parse_prepool_stride(token: str, where: str) -> int:
+    if not token.isdigit() or int(token) < 1:
+        raise ValueError(f"Invalid pre-pool stride '{token}' in '{where}': expected an integer >= 1.")
+    return int(token)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One pooled architecture: backbone, pooling, per-stage strides, dynamic convs and the stem pre-pool."""
+    backbone: str
+    pool: PoolSpec
+    strides: Tuple[int, ...]
+    dynamic: bool = False
+    prepool: Optional[PoolSpec] = None
+    prepool_stride: Optional[int] = None
+
+    def __post_init__(self):
+        name = SEED_ALIASES.get(self.backbone, self.backbone)
+        if name not in BACKBONES:
+            raise ValueError(f"Unknown backbone '{self.backbone}'. Valid backbones: "
+                             f"{_choices(list(BACKBONES) + list(SEED_ALIASES))} (optionally prefixed with 'dy').")
+        object.__setattr__(self, 'backbone', name)
+        if isinstance(self.pool, str):
+            object.__setattr__(self, 'pool', PoolSpec.parse(self.pool))
+        if isinstance(self.prepool, str):
+            object.__setattr__(self, 'prepool', PoolSpec.parse(self.prepool))
+        strides = self.strides
+        if isinstance(strides, (str, int)):
+            strides = _parse_strides(str(strides), BACKBONES[name], str(strides))
+        strides = tuple(strides)
+        if len(strides) != BACKBONES[name].num_stages or any(not isinstance(s, int) or s < 1 for s in strides):
+            raise ValueError(f"Invalid strides {strides}: {name} takes {BACKBONES[name].num_stages} integers >= 1 "
+                             f"(stock: {BACKBONES[name].stock}).")
+        object.__setattr__(self, 'strides', strides)
+        if (self.prepool is None) != (self.prepool_stride is None):
+            raise ValueError('A pre-pool needs both prepool and prepool_stride (got '
+                             f'prepool={self.prepool}, prepool_stride={self.prepool_stride}).')
+        if self.prepool_stride is not None and (not isinstance(self.prepool_stride, int) or self.prepool_stride < 1):
+            raise ValueError(f'Invalid pre-pool stride {self.prepool_stride!r}: expected an integer >= 1.')
+
+    @property
+    def spec(self) -> Backbone:
+        return BACKBONES[self.backbone]
+
+    @property
+    def digits(self) -> str:
+        return ''.join(str(s) for s in self.strides)
+
+    @property
+    def seed(self) -> str:
+        """The seed-form (paper) architecture string."""
+        pre = f'prepool-{self.prepool}-{self.prepool_stride}-' if self.prepool is not None else ''
+        return f"{pre}{'dy' if self.dynamic else ''}{self.backbone}-{self.pool}-{self.digits}"
+
+    @property
+    def timm_name(self) -> str:
+        """The timm-form model name."""
+        pre = f'prepool_{self.prepool}_{self.prepool_stride}_' if self.prepool is not None else ''
+        return f"{pre}{'dy' if self.dynamic else ''}{self.spec.prefix}_{self.pool}_{self.digits}"
+
+    @property
+    def stem_strides(self) -> Tuple[int, ...]:
+        """Down-sampling steps of the stem: the stock ones, or the pre-pool alone."""
+        return (self.prepool_stride,) if self.prepool is not None else self.spec.stem_strides
+
+    @property
+    def reductions(self) -> Tuple[int, ...]:
+        """Nominal reduction after the stem and after every stage."""
+        r = 1
+        for s in self.stem_strides:
+            r *= s
+        out = [r]
+        for s in self.strides:
+            r *= s
+            out.append(r)
+        return tuple(out)
+
+    def output_size(self, img_size: int) -> int:
+        """Side of the final feature map for a square input (every down-sampling step rounds up)."""
+        size = img_size
+        for s in self.stem_strides + self.strides:
+            size = -(-size // s)
+        return size
+
+    @property
+    def base_name(self) -> str:
+        """The timm model the architecture is built from (its stock-weight source)."""
+        return self.spec.base
+
+    def with_strides(self, strides: Union[str, Tuple[int, ...]]) -> 'ArchSpec':
+        return replace(self, strides=strides)
+
+    def model_kwargs(self) -> Dict[str, object]:
+        """Keyword arguments of the backbone's generic entrypoint."""
+        kwargs = dict(pool=str(self.pool), strides=self.digits)
+        if self.prepool is not None:
+            kwargs.update(prepool=str(self.prepool), prepool_stride=self.prepool_stride)
+        return kwargs
+
+    @classmethod
+    def from_seed(cls, seed: str) -> 'ArchSpec':
+        """Parse ``[prepool-POOL-S-][dy]BACKBONE-POOL-STRIDES``."""
+        if not isinstance(seed, str):
+            raise ValueError(f'Architecture string must be a str, got {seed!r}.')
+        tokens = seed.lower().split('-')
+        prepool = prepool_stride = None
+        if tokens[0] == 'prepool':
+            if len(tokens) != 6:
+                raise ValueError(f"Malformed architecture string '{seed}': expected "
+                                 f"prepool-POOL-S-BACKBONE-POOL-STRIDES (6 tokens), got {len(tokens)}.")
+            prepool = _parse_pool(tokens[1], seed, 'pre-pool')
+            prepool_stride = _parse_prepool_stride(tokens[2], seed)
+            tokens = tokens[3:]
+        elif len(tokens) != 3:
+            raise ValueError(f"Malformed architecture string '{seed}': expected [prepool-POOL-S-]BACKBONE-POOL-STRIDES "
+                             f"(3 or 6 '-'-separated tokens), got {len(tokens)}.")
+        backbone, pool, strides = tokens
+        dynamic = backbone.startswith('dy')
+        name = backbone[2:] if dynamic else backbone
+        name = SEED_ALIASES.get(name, name)
+        if name not in BACKBONES:
+            raise ValueError(f"Unknown backbone '{backbone}' in '{seed}'. Valid backbones: "
+                             f"{_choices(list(BACKBONES) + list(SEED_ALIASES))} (optionally prefixed with 'dy').")
+        return cls(name, _parse_pool(pool, seed), _parse_strides(strides, BACKBONES[name], seed), dynamic,
+                   prepool, prepool_stride)
+
+    @classmethod
+    def from_timm_name(cls, name: str) -> 'ArchSpec':
+        """Parse ``[prepool_POOL_S_][dy]PREFIX_POOL_STRIDES``."""
+        if not isinstance(name, str):
+            raise ValueError(f'Model name must be a str, got {name!r}.')
+        lname = name.lower()
+        prepool = prepool_stride = None
+        if lname.startswith('prepool_'):
+            tokens = lname.split('_')
+            idx = next((i for i, t in enumerate(tokens[1:], 1) if t.isdigit()), None)
+            if idx is None or idx == 1:
+                raise ValueError(f"Malformed model name '{name}': expected prepool_POOL_S_PREFIX_POOL_STRIDES.")
+            prepool = _parse_pool('_'.join(tokens[1:idx]), name, 'pre-pool')
+            prepool_stride = _parse_prepool_stride(tokens[idx], name)
+            lname = '_'.join(tokens[idx + 1:])
+        dynamic = lname.startswith('dy')
+        rest = lname[2:] if dynamic else lname
+        prefix = next((p for p in sorted(_BY_PREFIX, key=len, reverse=True) if rest.startswith(p + '_')), None)
+        if prefix is None:
+            raise ValueError(f"Unknown backbone in model name '{name}'. Valid prefixes: {_choices(_BY_PREFIX)} "
+                             f"(optionally prefixed with 'dy'), followed by _POOL_STRIDES.")
+        pool, _, strides = rest[len(prefix) + 1:].rpartition('_')
+        backbone = _BY_PREFIX[prefix]
+        if not pool:
+            raise ValueError(f"Malformed model name '{name}': expected {prefix}_POOL_STRIDES.")
+        return cls(backbone.seed, _parse_pool(pool, name), _parse_strides(strides, backbone, name), dynamic,
+                   prepool, prepool_stride)
+
+    @classmethod
+    def parse(cls, arch: str) -> 'ArchSpec':
+        """Parse either spelling: seed strings contain '-', timm names do not."""
+        if isinstance(arch, str) and '-' in arch:
+            return cls.from_seed(arch)
+        return cls.from_timm_name(arch)

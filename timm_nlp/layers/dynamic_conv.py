@@ -1,0 +1,126 @@
+"""Dynamic Convolution (Chen et al., CVPR 2020): K kernels mixed by input-dependent softmax attention."""
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from timm.layers import register_notrace_module
+
+__all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature']
+
+
+@register_notrace_module
+class DynamicConv2d(nn.Module):
+    """Convolution whose kernel is ``sum_k pi_k(x) W_k``, ``pi = softmax(fc2(relu(fc1(GAP(x)))) / temperature)``.
+
+    The per-sample kernels run as one grouped convolution over the batch. The temperature is a buffer, so an
+    annealed value travels with the checkpoint; the paper anneals it from 30 to 1 over the first epochs.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: int,
+            stride: int = 1,
+            padding: int = 0,
+            dilation: int = 1,
+            groups: int = 1,
+            bias: bool = True,
+            num_kernels: int = 4,
+            temperature: float = 30.,
+            attn_ratio: float = 0.25,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if in_channels % groups or out_channels % groups or num_kernels < 1:
+            raise ValueError(f'DynamicConv2d: channels ({in_channels}, {out_channels}) must divide by groups '
+                             f'({groups}) and num_kernels ({num_kernels}) must be >= 1.')
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+        self.padding = (padding, padding)
+        self.dilation = (dilation, dilation)
+        self.groups = groups
+        self.num_kernels = num_kernels
+        hidden = max(4, int(in_channels * attn_ratio))
+        self.fc1 = nn.Linear(in_channels, hidden, **dd)
+        self.fc2 = nn.Linear(hidden, num_kernels, **dd)
+        self.weight = nn.Parameter(
+            torch.empty(num_kernels, out_channels, in_channels // groups, kernel_size, kernel_size, **dd))
+        self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **dd)) if bias else None
+        self.register_buffer('temperature', torch.full((), float(temperature), **dd))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for k in range(self.num_kernels):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Kernel attention ``(B, K)`` of input ``x``."""
+        z = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
+        return F.softmax(z / self.temperature, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        attn = self.attention(x)
+        weight = (attn @ self.weight.flatten(1)).reshape(
+            B * self.out_channels, self.in_channels // self.groups, self.kernel_size[0], self.kernel_size[1])
+        bias: Optional[torch.Tensor] = None
+        if self.bias is not None:
+            bias = (attn @ self.bias).flatten()
+        out = F.conv2d(
+            x.reshape(1, B * C, H, W), weight, bias, self.stride, self.padding, self.dilation, self.groups * B)
+        return out.reshape(B, self.out_channels, out.shape[-2], out.shape[-1])
+
+    def extra_repr(self) -> str:
+        return (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
+                f'padding={self.padding}, groups={self.groups}, num_kernels={self.num_kernels}')
+
+
+def convert_dynamic_conv(
+        module: nn.Module,
+        kernel_sizes: Tuple[int, ...] = (1, 3),
+        num_kernels: int = 4,
+        temperature: float = 30.,
+) -> List[str]:
+    """Replace every ``nn.Conv2d`` with a square kernel in ``kernel_sizes`` by a ``DynamicConv2d``, in place.
+
+    The new layers keep the geometry, device and dtype of the convolutions they replace (freshly initialised).
+
+    Returns:
+        The names of the replaced modules.
+    """
+    targets = [
+        (n, m) for n, m in module.named_modules()
+        if type(m) is nn.Conv2d and m.kernel_size[0] == m.kernel_size[1] and m.kernel_size[0] in kernel_sizes
+        and isinstance(m.padding, tuple) and m.padding_mode == 'zeros'
+    ]
+    for name, conv in targets:
+        parent_name, _, child = name.rpartition('.')
+        parent = module.get_submodule(parent_name) if parent_name else module
+        dyn = DynamicConv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0], conv.padding[0],
+            conv.dilation[0], conv.groups, conv.bias is not None, num_kernels, temperature,
+            device=conv.weight.device, dtype=conv.weight.dtype)
+        setattr(parent, child, dyn)
+    return [n for n, _ in targets]
+
+
+def set_dynamic_temperature(module: nn.Module, temperature: float) -> int:
+    """Set the softmax temperature of every DynamicConv2d in ``module``; returns how many were set."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, DynamicConv2d):
+            m.temperature.fill_(temperature)
+            count += 1
+    return count

@@ -1,0 +1,137 @@
+"""Helpers shared by the pooled backbones: pooling layers, pretrained cfgs and stock-weight transfer."""
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from timm.models import get_pretrained_cfg
+
+from timm_nlp.grammar import ArchSpec, PoolSpec
+from timm_nlp.layers import create_pool2d
+
+__all__ = [
+    'make_pool', 'set_stride', 'pooled_cfg', 'TransferReport', 'adapt_stock_state_dict', 'load_stock_weights',
+    'checkpoint_filter_fn', 'PAPER_ID', 'check_output_stride',
+]
+
+_logger = logging.getLogger(__name__)
+PAPER_ID = 'arXiv:2209.07659'
+PAPER_NAME = 'Self-Attentive Pooling for Efficient Deep Learning'
+
+
+def make_pool(pool: PoolSpec, channels: int, stride: int, reduction: int, prepool: bool = False, **dd) -> nn.Module:
+    """The pooling layer of a stage (or of the stem pre-pool, whose ``reduced`` patch size is its stride)."""
+    overrides = dict(patch_size=stride) if prepool and pool.reduced else {}
+    return create_pool2d(str(pool), channels, stride, reduction=reduction, **overrides, **dd)
+
+
+def set_stride(conv: nn.Module, stride: int) -> None:
+    """Change a convolution's stride in place. Padding is kept: the stock 1x1 (pad 0), 3x3 (pad 1) and 7x7 (pad 3)
+    convs then give ``ceil(H / stride)`` for every stride, the size rule of the pooling layers."""
+    conv.stride = (stride, stride)
+
+
+def check_output_stride(output_stride: int) -> None:
+    if output_stride != 32:
+        raise ValueError(f'Pooled backbones set their strides from the architecture string; output_stride='
+                         f'{output_stride} (dilation) is not supported, only 32.')
+
+
+def pooled_cfg(arch: ArchSpec, img_size: int = 224, **kwargs: Any) -> Dict[str, Any]:
+    """A full pretrained cfg for ``arch``: the base model's preprocessing, this architecture's pool size."""
+    base = get_pretrained_cfg(arch.base_name)
+    pool = arch.output_size(img_size)
+    cfg = dict(
+        url='', num_classes=1000, input_size=(3, img_size, img_size), pool_size=(pool, pool),
+        crop_pct=base.crop_pct, interpolation=base.interpolation, mean=base.mean, std=base.std,
+        first_conv=base.first_conv, classifier=base.classifier, license='apache-2.0',
+        paper_ids=PAPER_ID, paper_name=PAPER_NAME,
+        description=f'{arch.seed}: timm {arch.base_name} with {arch.pool} pooling, stage strides {arch.digits}'
+                    + (f', pre-pool {arch.prepool} stride {arch.prepool_stride}' if arch.prepool else '')
+                    + (', dynamic convolutions' if arch.dynamic else ''),
+    )
+    cfg.update(kwargs)
+    return cfg
+
+
+@dataclass
+class TransferReport:
+    """What a stock-checkpoint transfer did to each tensor of the model."""
+    loaded: List[str] = field(default_factory=list)
+    expanded: List[str] = field(default_factory=list)
+    new: List[str] = field(default_factory=list)
+    unused: List[str] = field(default_factory=list)
+    mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def new_modules(self) -> List[str]:
+        """Modules whose tensors kept their initialisation (outermost module names, sorted)."""
+        mods = sorted({k.rpartition('.')[0] for k in self.new})
+        return [m for m in mods if not any(m.startswith(o + '.') for o in mods if o != m)]
+
+    def summary(self) -> str:
+        lines = [f'{len(self.loaded)} tensors loaded, {len(self.expanded)} expanded to dynamic kernels, '
+                 f'{len(self.new)} new tensors keep their initialisation in {len(self.new_modules)} modules']
+        lines += [f'  new: {m}' for m in self.new_modules]
+        lines += [f'  unused stock tensor: {k}' for k in self.unused]
+        lines += [f'  shape mismatch: {k} stock {a} vs model {b}' for k, a, b in self.mismatched]
+        return '\n'.join(lines)
+
+
+def _remap_key(key: str, model_keys: Dict[str, torch.Tensor]) -> str:
+    """Stock key -> model key. The MobileNetV2 pre-pool wraps the stem norm: ``bn1.*`` -> ``bn1.0.*``."""
+    if key not in model_keys and key.startswith('bn1.') and 'bn1.0.' + key[4:] in model_keys:
+        return 'bn1.0.' + key[4:]
+    return key
+
+
+def adapt_stock_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+) -> Tuple[Dict[str, torch.Tensor], TransferReport]:
+    """Map a stock timm state dict onto a pooled model.
+
+    Tensors with the same key and shape load; a stock conv weight ``(O, I, k, k)`` fills every kernel of the
+    dynamic conv that replaced it (so the model starts as the stock function); everything else is reported.
+    """
+    target = model.state_dict()
+    out, report = {}, TransferReport()
+    for key, value in state_dict.items():
+        mkey = _remap_key(key, target)
+        if mkey not in target:
+            report.unused.append(key)
+            continue
+        want = target[mkey]
+        if want.shape == value.shape:
+            out[mkey] = value
+            report.loaded.append(mkey)
+        elif want.dim() == value.dim() + 1 and want.shape[1:] == value.shape:
+            out[mkey] = value.unsqueeze(0).expand_as(want).clone()
+            report.expanded.append(mkey)
+        else:
+            report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
+    report.new = [k for k in target if k not in out]
+    return out, report
+
+
+def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> TransferReport:
+    """Load a stock timm checkpoint of the base model into ``model``; the pooling modules keep their init."""
+    adapted, report = adapt_stock_state_dict(state_dict, model)
+    if report.mismatched:
+        raise ValueError('Checkpoint does not match the model; shape mismatches: ' + ', '.join(
+            f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched))
+    model.load_state_dict(adapted, strict=False)
+    _logger.warning('Stock-weight transfer: ' + report.summary())
+    return report
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``pretrained_filter_fn`` for timm: unwraps ``state_dict``/``model`` containers, adapts stock checkpoints."""
+    for wrapper in ('state_dict', 'model', 'state_dict_ema'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    adapted, _ = adapt_stock_state_dict(state_dict, model)
+    return adapted
