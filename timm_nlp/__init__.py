@@ -1,4 +1,8 @@
-"""timm-nlp: Self-Attentive (non-local) Pooling and its rival pooling methods for timm."""
-from .grammar import PoolSpec
+"""timm-nlp: Self-Attentive (non-local) Pooling and its rival pooling methods for timm.
+
+Importing the package registers every pooled backbone in timm's model registry.
+"""
+from .grammar import ArchSpec, PoolSpec
 from .layers import create_pool2d
+from .models import create_model, load_stock_weights
 from .version import __version__

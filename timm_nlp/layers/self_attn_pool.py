@@ -58,10 +58,12 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does
+        # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does.
+        # NaN offsets crash its kernel (segfault), so they become 0; a NaN input still gives a NaN output.
         dtype = self.weight.dtype
+        offset = torch.nan_to_num(self.offset(x).to(dtype))
         return deform_conv2d(
-            x.to(dtype), self.offset(x).to(dtype), self.weight, self.bias, stride=(self.stride, self.stride),
+            x.to(dtype), offset, self.weight, self.bias, stride=(self.stride, self.stride),
             padding=(self.padding, self.padding))
 
 

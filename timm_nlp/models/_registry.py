@@ -15,7 +15,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm_nlp.grammar import BACKBONES, ArchSpec
 from ._pooled import pooled_cfg
 
-__all__ = ['GRID_POOLS', 'PAPER_EXAMPLES', 'grid_specs', 'generic_name', 'register_family']
+__all__ = ['GRID_POOLS', 'PAPER_EXAMPLES', 'grid_specs', 'generic_name', 'register_family', 'create_model']
 
 GRID_POOLS = (
     'skip', 'maxp', 'avgp', 'lip', 'gaussian_pool', 'nlp', 'nlp_headfix2', 'nlp_headfix2_nowin', 'nlp_reduced',
@@ -103,3 +103,22 @@ def register_family(module: str, backbones: Iterable[str], create_fn: CreateFn) 
                     f'Generic {stock.backbone}{" (dynamic convs)" if stock.dynamic else ""}: '
                     f'kwargs pool=, strides=, prepool=, prepool_stride= set the architecture.')
     return cfgs
+
+
+def create_model(arch: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build any architecture of the grammar, by seed string or timm name (``name.tag`` for pretrained tags).
+
+    Registered names go through ``timm.create_model`` unchanged; any other valid string is built by its
+    backbone's generic entrypoint with the architecture as kwargs.
+    """
+    import timm
+    if timm.is_model(arch):
+        return timm.create_model(arch, pretrained=pretrained, **kwargs)
+    name, dot, tag = arch.partition('.')
+    spec = ArchSpec.parse(name)
+    if timm.is_model(spec.timm_name):
+        return timm.create_model(spec.timm_name + dot + tag, pretrained=pretrained, **kwargs)
+    if dot:
+        raise ValueError(f"No pretrained tag '{tag}' for '{name}': it is not a registered model name.")
+    return timm.create_model(generic_name(spec.backbone, spec.dynamic), pretrained=pretrained,
+                             **spec.model_kwargs(), **kwargs)

@@ -1,0 +1,64 @@
+"""timm's own model test-suite (tests/test_models.py from the sdist of the installed timm) on our models.
+
+The sdist is fetched from PyPI with pip (cached under ~/.cache/timm-nlp) unless TIMM_TESTS_DIR points at a
+directory holding test_models.py. The subset covers every backbone and every pooling family, the dynamic-conv
+and pre-pool variants, registered seed strings and the generic entrypoints.
+"""
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import timm
+
+import timm_nlp  # noqa: F401  registers the models
+
+SUITE_MODELS = [
+    'resnet18_nlp_headfix2_2222', 'resnet18_gaussian_pool_4222', 'resnet18_pooled',
+    'resnet50_lip_2222', 'resnet50_mixp_4222',
+    'resnetv2_18_dfmnlp_4222', 'resnetv2_18_maxp_2222',
+    'resnetv2_50_avgp_4222', 'resnetv2_50_nlp_headfix2_nowin_reduced_1222',
+    'mobilenetv2_nlp_4222121', 'mobilenetv2_dfmixp_2222121', 'MOBILENET-SKIP-1222121',
+    'dyresnet18-dfmnlp_reduced-1222', 'dymobilenetv2_lip_2222121', 'dyresnetv2_50_skip_4222',
+    'prepool-lip-8-resnet18-skip-1222', 'prepool-maxp-4-resnet50-skip-1222',
+]
+HERE = Path(__file__).parent
+
+
+def _timm_tests_dir() -> Path:
+    env = os.environ.get('TIMM_TESTS_DIR')
+    if env:
+        return Path(env)
+    root = Path(os.environ.get('XDG_CACHE_HOME', Path.home() / '.cache')) / 'timm-nlp' / f'timm-{timm.__version__}'
+    tests = root / f'timm-{timm.__version__}' / 'tests'
+    if not (tests / 'test_models.py').exists():
+        root.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--no-binary', ':all:',
+             f'timm=={timm.__version__}', '-d', str(root)], capture_output=True, text=True)
+        sdists = list(root.glob('timm-*.tar.gz'))
+        if proc.returncode or not sdists:
+            pytest.skip(f'timm {timm.__version__} sdist unavailable (pip download failed: {proc.stderr[-300:]})')
+        with tarfile.open(sdists[0]) as tar:
+            tar.extractall(root, filter='data')
+    return tests
+
+
+def test_timm_model_suite():
+    tests = _timm_tests_dir()
+    missing = [m for m in SUITE_MODELS if not timm.is_model(m)]
+    assert not missing, f'not registered: {missing}'
+    env = dict(os.environ, TIMM_NLP_SUITE_MODELS=','.join(SUITE_MODELS),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get('PYTHONPATH')])))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pytest', '-q', '-p', 'timm_suite_plugin', '-p', 'no:cacheprovider',
+         '-W', 'ignore', 'test_models.py'],
+        cwd=tests, env=env, capture_output=True, text=True)
+    tail = proc.stdout[-4000:]
+    assert proc.returncode == 0, tail
+    passed = int(re.search(r'(\d+) passed', tail).group(1))
+    # forward, backward, cfgs, torchscript, features, fx... : at least 10 of timm's tests for every model
+    assert passed >= 10 * len(SUITE_MODELS), tail
