@@ -64,17 +64,14 @@ class TransferReport:
     new: List[str] = field(default_factory=list)
     unused: List[str] = field(default_factory=list)
     mismatched: List[Tuple[str, Tuple[int, ...], Tuple[int, ...]]] = field(default_factory=list)
-
-    @property
-    def new_modules(self) -> List[str]:
-        """Modules whose tensors kept their initialisation (outermost module names, sorted)."""
-        mods = sorted({k.rpartition('.')[0] for k in self.new})
-        return [m for m in mods if not any(m.startswith(o + '.') for o in mods if o != m)]
+    new_modules: List[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        in_modules = [k for k in self.new if any(k.startswith(m + '.') for m in self.new_modules)]
         lines = [f'{len(self.loaded)} tensors loaded, {len(self.expanded)} expanded to dynamic kernels, '
-                 f'{len(self.new)} new tensors keep their initialisation in {len(self.new_modules)} modules']
-        lines += [f'  new: {m}' for m in self.new_modules]
+                 f'{len(self.new)} new tensors keep their initialisation']
+        lines += [f'  new module: {m}' for m in self.new_modules]
+        lines += [f'  new tensor: {k}' for k in self.new if k not in in_modules]
         lines += [f'  unused stock tensor: {k}' for k in self.unused]
         lines += [f'  shape mismatch: {k} stock {a} vs model {b}' for k, a, b in self.mismatched]
         return '\n'.join(lines)
@@ -113,15 +110,33 @@ def adapt_stock_state_dict(
         else:
             report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
     report.new = [k for k in target if k not in out]
+    report.new_modules = _new_modules(model, set(report.new))
     return out, report
+
+
+def _new_modules(model: nn.Module, new: set) -> List[str]:
+    """The outermost modules all of whose state-dict tensors are new."""
+    keys = list(model.state_dict())
+    full = []
+    for name, _ in model.named_modules():
+        if not name or any(name.startswith(f + '.') for f in full):
+            continue
+        own = [k for k in keys if k.startswith(name + '.')]
+        if own and all(k in new for k in own):
+            full.append(name)
+    return sorted(full)
 
 
 def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> TransferReport:
     """Load a stock timm checkpoint of the base model into ``model``; the pooling modules keep their init."""
     adapted, report = adapt_stock_state_dict(state_dict, model)
     if report.mismatched:
-        raise ValueError('Checkpoint does not match the model; shape mismatches: ' + ', '.join(
-            f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched))
+        shown = [f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched[:8]]
+        more = len(report.mismatched) - len(shown)
+        arch = getattr(model, 'arch', None)
+        raise ValueError(f'Checkpoint does not match {arch.seed if arch else type(model).__name__}; '
+                         f'{len(report.mismatched)} shape mismatches: ' + ', '.join(shown)
+                         + (f' and {more} more' if more else ''))
     model.load_state_dict(adapted, strict=False)
     _logger.warning('Stock-weight transfer: ' + report.summary())
     return report

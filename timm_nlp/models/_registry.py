@@ -3,8 +3,9 @@
 For every backbone and its ``dy`` variant: the grid of ``GRID_POOLS`` x three stride patterns (stock, first
 stage at 2, first stage at 4), a generic entrypoint ``[dy]{prefix}_pooled`` configured by kwargs (so any
 grammar string reaches timm's ``train.py`` through ``--model-kwargs``), and the paper's example architecture
-strings, registered verbatim.
+strings, registered verbatim and under their timm-form names.
 """
+import fnmatch
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
@@ -15,7 +16,10 @@ from timm.models import generate_default_cfgs, register_model
 from timm_nlp.grammar import BACKBONES, ArchSpec
 from ._pooled import pooled_cfg
 
-__all__ = ['GRID_POOLS', 'PAPER_EXAMPLES', 'grid_specs', 'generic_name', 'register_family', 'create_model']
+__all__ = [
+    'GRID_POOLS', 'PAPER_EXAMPLES', 'grid_specs', 'generic_name', 'register_family', 'create_model',
+    'list_pooled_models',
+]
 
 GRID_POOLS = (
     'skip', 'maxp', 'avgp', 'lip', 'gaussian_pool', 'nlp', 'nlp_headfix2', 'nlp_headfix2_nowin', 'nlp_reduced',
@@ -33,6 +37,7 @@ PAPER_EXAMPLES = (
 )
 
 CreateFn = Callable[..., nn.Module]
+_REGISTERED: List[str] = []
 
 
 def grid_specs(backbone: str, dynamic: bool) -> List[ArchSpec]:
@@ -49,7 +54,13 @@ def _entrypoint(name: str, module: str, fn: Callable[..., nn.Module], doc: str) 
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = module
     fn.__doc__ = doc
+    _REGISTERED.append(name)
     return register_model(fn)
+
+
+def list_pooled_models(pattern: str = '*') -> List[str]:
+    """Registered names of timm-nlp (grid, generic entrypoints and paper examples) matching a glob pattern."""
+    return sorted(n for n in _REGISTERED if fnmatch.fnmatchcase(n.lower(), pattern.lower()))
 
 
 def register_family(module: str, backbones: Iterable[str], create_fn: CreateFn) -> Dict[str, Any]:
@@ -74,6 +85,7 @@ def register_family(module: str, backbones: Iterable[str], create_fn: CreateFn) 
         spec = ArchSpec.from_seed(seed)
         if spec.backbone in backbones:
             named[seed] = spec
+            named.setdefault(spec.timm_name, spec)
     cfgs = generate_default_cfgs({name: pooled_cfg(spec) for name, spec in {**named, **generic}.items()})
     sys.modules[module].default_cfgs = cfgs
 

@@ -1,0 +1,257 @@
+"""Pooled backbones: every registered name, stride semantics, dynamic conv, pre-pool, stock-weight transfer."""
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import timm_nlp
+from timm_nlp.grammar import ArchSpec
+from timm_nlp.layers import DynamicConv2d, WeightedPool2d, convert_dynamic_conv
+from timm_nlp.models import PAPER_EXAMPLES, adapt_stock_state_dict, list_pooled_models, load_stock_weights
+
+FAMILIES = {'resnet': 'resnet', 'resnetv2': 'resnetv2', 'mobilenetv2': 'efficientnet'}
+
+
+def _cheap_build(name: str) -> nn.Module:
+    """Build on the meta device, then materialise with constant weights (zeros; ones for BN variance and the
+    dynamic-conv temperature). Shapes and kernels are real; it skips the random init that makes building
+    all 418 models slow (dynamic ResNet-50 has 94M parameters)."""
+    model = timm.create_model(name, device='meta').to_empty(device='cpu')
+    with torch.no_grad():
+        for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+            t.fill_(1. if key.endswith(('running_var', 'temperature')) else 0.)
+    return model.eval()
+
+
+def _expected_reductions(arch: ArchSpec):
+    if arch.spec.family == 'efficientnet':
+        n = len(arch.strides)
+        return [arch.reductions[i + 1] for i in range(n) if i == n - 1 or arch.strides[i + 1] > 1]
+    return [1 if arch.prepool is not None else 2] + list(arch.reductions[1:])
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_every_registered_name_builds_and_follows_its_strides(family):
+    names = [n for n in list_pooled_models() if _family(n) == family]
+    assert len(names) >= 80
+    H, W = 40, 56
+    x = torch.randn(1, 3, H, W)
+    for name in names:
+        model = _cheap_build(name)
+        arch = model.arch
+        if name.endswith('_pooled'):
+            assert arch == ArchSpec(arch.backbone, 'skip', arch.spec.stock, name.startswith('dy'))
+        else:
+            assert ArchSpec.parse(name) == arch
+        reductions = [f['reduction'] for f in model.feature_info]
+        assert reductions == _expected_reductions(arch), name
+        with torch.no_grad():
+            final, feats = model.forward_intermediates(x)
+            logits = model.forward_head(final)
+        assert logits.shape == (1, 1000), name
+        assert len(feats) == len(reductions), name
+        for f, r, info in zip(feats, reductions, model.feature_info):
+            assert f.shape[1:] == (info['num_chs'], math.ceil(H / r), math.ceil(W / r)), (name, r, f.shape)
+        out = arch.output_size(224)
+        assert model.pretrained_cfg['pool_size'] == (out, out), name
+
+
+def _family(name: str) -> str:
+    module = timm.models.get_pretrained_cfg(name) and timm.models._registry._model_to_module[name]
+    return {v: k for k, v in FAMILIES.items()}[module]
+
+
+def test_resnet18_4222_reductions():
+    model = timm.create_model('resnet18_nlp_headfix2_4222')
+    assert model.feature_info[0]['reduction'] == 2
+    assert [f['reduction'] for f in model.feature_info] == [2, 16, 32, 64, 128]
+    feats = timm.create_model('resnet18_nlp_headfix2_4222', features_only=True, out_indices=(1, 3)).eval()
+    assert feats.feature_info.reduction() == [16, 64]
+    with torch.no_grad():
+        outs = feats(torch.randn(2, 3, 128, 128))
+    assert [tuple(o.shape) for o in outs] == [(2, 64, 8, 8), (2, 256, 2, 2)]
+
+
+@pytest.mark.parametrize('seed', PAPER_EXAMPLES)
+def test_paper_examples_are_registered_and_build(seed):
+    spec = ArchSpec.from_seed(seed)
+    assert timm.is_model(seed) and timm.is_model(spec.timm_name)
+    a = timm.create_model(seed, device='meta')
+    b = timm_nlp.create_model(spec.seed, device='meta')
+    assert a.arch == b.arch == spec
+    sa, sb = a.state_dict(), b.state_dict()
+    assert {k: v.shape for k, v in sa.items()} == {k: v.shape for k, v in sb.items()}
+
+
+def test_create_model_any_string():
+    model = timm_nlp.create_model('resnet18-lip-1144')  # not registered: generic entrypoint
+    assert model.arch == ArchSpec('resnet18', 'lip', (1, 1, 4, 4))
+    assert model.pretrained_cfg['pool_size'] == (4, 4) and model.pretrained_cfg['architecture'] == 'resnet18_pooled'
+    assert timm_nlp.create_model('RESNET18-NLP_HEADFIX2-1222').pretrained_cfg['architecture'] == \
+        'resnet18_nlp_headfix2_1222'
+    model = timm.create_model('resnetv2_18_pooled', pool='nlp_reduced', strides=2222, prepool='maxp', prepool_stride=2)
+    assert model.arch.seed == 'prepool-maxp-2-resnet18_v2-nlp_reduced-2222'
+    with pytest.raises(ValueError, match="Unknown backbone 'vgg16'"):
+        timm_nlp.create_model('vgg16-nlp-12222')
+    with pytest.raises(ValueError, match=r"Invalid stride digits '12'"):
+        timm.create_model('resnet18_pooled', strides='12')
+
+
+def test_dynamic_conv_k1_is_plain_conv():
+    torch.manual_seed(0)
+    for groups, bias, stride in ((1, True, 1), (4, False, 2), (8, True, 3)):
+        dyn = DynamicConv2d(8, 16 if groups != 8 else 8, 3, stride, 1, groups=groups, bias=bias, num_kernels=1)
+        conv = nn.Conv2d(8, dyn.out_channels, 3, stride, 1, groups=groups, bias=bias)
+        with torch.no_grad():
+            conv.weight.copy_(dyn.weight[0])
+            if bias:
+                conv.bias.copy_(dyn.bias[0])
+        x = torch.randn(3, 8, 11, 9, requires_grad=True)
+        y = dyn(x)
+        torch.testing.assert_close(y, conv(x), atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(y)
+        gx_dyn, = torch.autograd.grad(y, x, g)
+        gx_conv, = torch.autograd.grad(conv(x), x, g)
+        torch.testing.assert_close(gx_dyn, gx_conv, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_conv_mixes_kernels_per_sample():
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(4, 6, 3, 1, 1, num_kernels=3, temperature=1.)
+    x = torch.randn(2, 4, 7, 7)
+    attn = dyn.attention(x)
+    assert attn.shape == (2, 3) and torch.allclose(attn.sum(1), torch.ones(2))
+    for b in range(2):  # sample b uses its own kernel sum_k attn[b, k] W_k
+        w = (attn[b, :, None, None, None, None] * dyn.weight).sum(0)
+        bias = (attn[b, :, None] * dyn.bias).sum(0)
+        ref = nn.functional.conv2d(x[b:b + 1], w, bias, padding=1)
+        torch.testing.assert_close(dyn(x)[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+    hot = DynamicConv2d(4, 6, 3, 1, 1, num_kernels=3, temperature=30.)
+    hot.load_state_dict({**dyn.state_dict(), 'temperature': torch.tensor(30.)})
+    assert (hot.attention(x) - 1 / 3).abs().max() < (attn - 1 / 3).abs().max()
+
+
+def test_dynamic_variant_converts_every_1x1_and_3x3_conv():
+    stock = timm.create_model('resnet18')
+    n_convs = sum(1 for m in stock.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] in (1, 3))
+    model = timm.create_model('dyresnet18_nlp_2222')
+    assert sum(isinstance(m, DynamicConv2d) for m in model.modules()) == n_convs + 1  # + new layer1 shortcut
+    assert type(model.conv1) is nn.Conv2d  # the 7x7 stem stays static
+    for pool in (m for m in model.modules() if isinstance(m, WeightedPool2d)):
+        assert not any(isinstance(m, DynamicConv2d) for m in pool.modules())  # pooling layers stay static
+    assert convert_dynamic_conv(nn.Sequential(nn.Conv2d(3, 3, 5))) == []
+
+
+@pytest.mark.parametrize('name,base', [
+    ('resnet18_skip_1222', 'resnet18'), ('resnetv2_18_skip_1222', 'resnetv2_18'),
+    ('mobilenetv2_skip_1222121', 'mobilenetv2_100'), ('dyresnet18_skip_1222', 'resnet18'),
+    ('dymobilenetv2_skip_1222121', 'mobilenetv2_100'),
+])
+def test_stock_strides_with_skip_reproduce_the_stock_model(name, base):
+    torch.manual_seed(0)
+    stock = timm.create_model(base).eval()
+    model = timm.create_model(name).eval()
+    report = load_stock_weights(model, stock.state_dict())
+    assert not report.unused and not report.mismatched
+    if name.startswith('dy'):
+        assert report.expanded and all(k.endswith('weight') for k in report.expanded)
+        assert all(k.rsplit('.', 2)[-2] in ('fc1', 'fc2') or k.endswith('temperature') for k in report.new)
+    else:
+        assert not report.new and not report.expanded
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), stock(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name,expected', [
+    ('resnet18_nlp_headfix2_1222', ['layer2.0.aa', 'layer3.0.aa', 'layer4.0.aa']),
+    ('resnet18_lip_2222', ['layer1.0.aa', 'layer1.0.downsample', 'layer2.0.aa', 'layer3.0.aa', 'layer4.0.aa']),
+    ('resnet50_mixp_4222', ['layer1.0.aa', 'layer2.0.aa', 'layer3.0.aa', 'layer4.0.aa']),
+    ('resnetv2_18_gaussian_pool_1222', ['stages.1.blocks.0.aa', 'stages.2.blocks.0.aa', 'stages.3.blocks.0.aa']),
+    ('resnetv2_18_nlp_4222', ['stages.0.blocks.0.aa', 'stages.0.blocks.0.downsample', 'stages.1.blocks.0.aa',
+                              'stages.2.blocks.0.aa', 'stages.3.blocks.0.aa']),
+    ('mobilenetv2_dfmnlp_2222121', [f'blocks.{i}.0.aa' for i in (0, 1, 2, 3, 5)]),
+    ('prepool-lip-8-resnet18-skip-1222', ['maxpool']),
+    ('resnet18_skip_4222', ['layer1.0.downsample']),
+])
+def test_weight_transfer_reports_exactly_the_new_modules(name, expected):
+    model = timm.create_model(name)
+    stock = timm.create_model(model.arch.base_name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_stock_weights(model, stock.state_dict())
+    assert report.new_modules == expected
+    assert not report.unused and not report.mismatched and not report.expanded
+    after = model.state_dict()
+    for key in report.new:
+        assert torch.equal(after[key], before[key]), f'{key} changed'
+    for key in report.loaded:
+        assert torch.equal(after[key], stock.state_dict()[key]), f'{key} not loaded'
+
+
+def test_transfer_rejects_another_architecture():
+    model = timm.create_model('resnet18_nlp_1222')
+    with pytest.raises(ValueError, match=r"match resnet18-nlp-1222; 24 shape mismatches: "
+                       r"layer1.0.conv1.weight checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\).* and 16 more"):
+        load_stock_weights(model, timm.create_model('resnet50').state_dict())
+    _, report = adapt_stock_state_dict(timm.create_model('mobilenetv2_100').state_dict(), model)
+    assert report.loaded == ['bn1.num_batches_tracked'] and len(report.unused) > 100 and report.mismatched
+    with pytest.raises(ValueError, match=r'bn1.weight checkpoint \(32,\) vs model \(64,\)'):
+        load_stock_weights(model, timm.create_model('mobilenetv2_100').state_dict())
+
+
+def test_prepool_replaces_the_stem_downsampling():
+    model = timm.create_model('prepool-lip-8-resnet18-skip-1222').eval()
+    assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, WeightedPool2d) and model.maxpool.stride == 8
+    sizes = {}
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, o.shape[-2:]))
+             for n in ('act1', 'maxpool', 'layer1')]
+    with torch.no_grad():
+        model(torch.randn(1, 3, 60, 44))
+    assert sizes == {'act1': (60, 44), 'maxpool': (8, 6), 'layer1': (8, 6)}
+    for h in hooks:
+        h.remove()
+    # reduced pre-pool: patch size = its stride; MobileNetV2's stem norm-act is followed by the pre-pool
+    model = timm_nlp.create_model('prepool-nlp_reduced-4-mobilenet_v2-skip-1222121').eval()
+    assert model.conv_stem.stride == (1, 1) and model.bn1[1].nlp.patch_size == 4
+    with torch.no_grad():
+        assert model.bn1(model.conv_stem(torch.randn(1, 3, 30, 30))).shape[-2:] == (8, 8)
+    model = timm_nlp.create_model('prepool-avgp-2-resnet50_v2-skip-1222')
+    assert model.stem.conv.stride == (1, 1) and isinstance(model.stem.pool, nn.AvgPool2d)
+
+
+def test_pooling_placement_and_strides():
+    model = timm.create_model('resnet50_nlp_headfix2_4222')
+    blk = model.layer1[0]
+    assert blk.conv2.stride == (1, 1) and blk.aa.stride == 4 and blk.aa.channels == 64
+    assert blk.downsample[0].stride == (4, 4) and blk.aa.nlp.attn.num_heads == 2
+    model = timm.create_model('resnet18_skip_4222')
+    assert model.layer1[0].conv1.stride == (4, 4) and isinstance(model.layer1[0].aa, nn.Identity)
+    model = timm.create_model('resnet18_nlp_reduced_1222')
+    assert [model.get_submodule(f'layer{i}.0.aa').nlp.patch_size for i in (2, 3, 4)] == [8, 4, 2]
+    model = timm.create_model('mobilenetv2_lip_4222121')
+    assert model.blocks[0][0].conv_dw.stride == (1, 1) and model.blocks[0][0].aa.stride == 4
+    assert model.blocks[4][0].conv_dw.stride == (1, 1) and isinstance(model.blocks[4][0].aa, nn.Identity)
+
+
+def test_torchscript_and_fx_match_eager():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    for name in ('resnet18_mixp_2222', 'dymobilenetv2_dfmnlp_2222121', 'resnetv2_18_gaussian_pool_4222'):
+        with timm.layers.set_layer_config(scriptable=True):
+            model = timm.create_model(name).eval()
+        feats = timm.models.FeatureGraphNet(model, out_indices=tuple(range(len(model.feature_info)))).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.jit.script(model)(x), model(x), atol=1e-5, rtol=1e-5)
+            outs, ref = feats(x), model.forward_intermediates(x, intermediates_only=True)
+        assert len(outs) == len(ref) == len(model.feature_info)
+        for a, b in zip(outs, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_nan_input_does_not_crash_deformable_pooling():
+    model = timm.create_model('resnet18_dfmnlp_2222').eval()
+    x = torch.full((1, 3, 32, 32), float('nan'))
+    with torch.no_grad():
+        assert torch.isnan(model(x)).all()
