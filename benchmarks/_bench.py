@@ -63,7 +63,10 @@ def print_table(header: Sequence[str], rows: List[Sequence[object]]) -> None:
     """Print a GitHub-markdown table."""
     cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
+
+    def fmt(r):
+        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
+
     print(fmt(cells[0]))
     print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     for r in cells[1:]:

@@ -89,7 +89,7 @@ def main():
             for k, v, t in checks]
     for mode, d in (('eval', diff_eval), ('train', diff_train)):
         rows.append([f'max |ours - plain| ({mode})', f'{d:.2e}', '<= 1e-05', 'PASS' if d <= 1e-5 else 'FAIL'])
-    print(f'\n# nlp_headfix2 (p=1, 2 heads, SDPA) vs the plain nn.MultiheadAttention formulation, same weights\n')
+    print('\n# nlp_headfix2 (p=1, 2 heads, SDPA) vs the plain nn.MultiheadAttention formulation, same weights\n')
     print_table(['ratio (plain / ours)', 'value', 'target', 'result'], rows)
 
 

@@ -37,7 +37,8 @@ def test_examples_parse_to_expected_specs():
         PoolSpec('nlp', ('headfix2',)), 4, 'resnet18', PoolSpec('skip'), (1, 2, 2, 2))
     assert spec.timm_name == 'prepool_nlp_headfix2_4_resnet18_skip_1222'
     spec = ArchSpec.from_seed('dyresnet18-dfmnlp_reduced-1222')
-    assert spec.dynamic and spec.pool == PoolSpec('dfmnlp', ('reduced',)) and spec.timm_name == 'dyresnet18_dfmnlp_reduced_1222'
+    assert spec.dynamic and spec.pool == PoolSpec('dfmnlp', ('reduced',))
+    assert spec.timm_name == 'dyresnet18_dfmnlp_reduced_1222'
     assert ArchSpec.from_seed('MOBILENET-SKIP-1222121').timm_name == 'mobilenetv2_skip_1222121'
     assert ArchSpec.from_seed('resnet18_v2-lip-4222').timm_name == 'resnetv2_18_lip_4222'
     # modifiers in any order, canonical output

@@ -1,7 +1,7 @@
 """Helpers shared by the pooled backbones: pooling layers, pretrained cfgs and stock-weight transfer."""
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -12,8 +12,8 @@ from timm_nlp.grammar import ArchSpec, PoolSpec
 from timm_nlp.layers import create_pool2d
 
 __all__ = [
-    'make_pool', 'set_stride', 'pooled_cfg', 'TransferReport', 'adapt_stock_state_dict', 'load_stock_weights',
-    'checkpoint_filter_fn', 'PAPER_ID', 'check_output_stride',
+    'make_pool', 'set_stride', 'insert_stage_pools', 'resnet_feature_info', 'pooled_cfg', 'TransferReport',
+    'adapt_stock_state_dict', 'load_stock_weights', 'checkpoint_filter_fn', 'PAPER_ID', 'check_output_stride',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -31,6 +31,29 @@ def set_stride(conv: nn.Module, stride: int) -> None:
     """Change a convolution's stride in place. Padding is kept: the stock 1x1 (pad 0), 3x3 (pad 1) and 7x7 (pad 3)
     convs then give ``ceil(H / stride)`` for every stride, the size rule of the pooling layers."""
     conv.stride = (stride, stride)
+
+
+def insert_stage_pools(
+        arch: ArchSpec,
+        first_blocks: Sequence[nn.Module],
+        strided_conv: Callable[[nn.Module], nn.Module],
+        **dd,
+) -> None:
+    """Put the architecture's pooling layer in the ``aa`` slot of each stage's first block whose stride is > 1.
+
+    The pooled map has the channels of the block's strided conv and the reduction of the stage input.
+    """
+    if arch.pool.method == 'skip':
+        return
+    for i, (blk, stride) in enumerate(zip(first_blocks, arch.strides)):
+        if stride > 1:
+            blk.aa = make_pool(arch.pool, strided_conv(blk).out_channels, stride, arch.reductions[i], **dd)
+
+
+def resnet_feature_info(feature_info: List[Dict[str, Any]], arch: ArchSpec) -> List[Dict[str, Any]]:
+    """ResNet feature info (stem, then one entry per stage) with the reductions of ``arch``."""
+    stem = dict(feature_info[0], reduction=1 if arch.prepool is not None else 2)
+    return [stem] + [dict(f, reduction=r) for f, r in zip(feature_info[1:], arch.reductions[1:])]
 
 
 def check_output_stride(output_stride: int) -> None:

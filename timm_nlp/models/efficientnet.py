@@ -17,7 +17,7 @@ from timm.models.efficientnet import EfficientNet
 
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import convert_dynamic_conv
-from ._pooled import check_output_stride, checkpoint_filter_fn, make_pool, set_stride
+from ._pooled import check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, set_stride
 from ._registry import register_family
 
 __all__ = ['PooledMobileNetV2']
@@ -57,15 +57,12 @@ class PooledMobileNetV2(EfficientNet):
             set_stride(blk.conv_dw, 1 if pooled else stride)
         if arch.dynamic:
             convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
-        reductions = arch.reductions
         if arch.prepool is not None:
             pool = make_pool(arch.prepool, self.conv_stem.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
             self.bn1 = nn.Sequential(self.bn1, pool)
-        if pooled:
-            for i, (stage, stride) in enumerate(zip(self.blocks, arch.strides)):
-                if stride > 1:
-                    stage[0].aa = make_pool(arch.pool, stage[0].conv_dw.out_channels, stride, reductions[i], **dd)
+        insert_stage_pools(arch, [stage[0] for stage in self.blocks], lambda blk: blk.conv_dw, **dd)
         efficientnet_init_weights(self)
+        reductions = arch.reductions
         # features at the end of every stage followed by a down-sampling stage, and of the last stage
         n = len(arch.strides)
         self.feature_info = [

@@ -9,7 +9,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import convert_dynamic_conv
-from ._pooled import check_output_stride, checkpoint_filter_fn, make_pool, set_stride
+from ._pooled import (
+    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, resnet_feature_info, set_stride)
 from ._registry import register_family
 
 __all__ = ['PooledResNet']
@@ -55,17 +56,11 @@ class PooledResNet(ResNet):
                 set_stride(blk.downsample[0], stride)
         if arch.dynamic:
             convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
-        reductions = arch.reductions
         if arch.prepool is not None:
             self.maxpool = make_pool(arch.prepool, self.conv1.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
-        if pooled:
-            for i, (stage, stride) in enumerate(zip(stages, arch.strides)):
-                if stride > 1:
-                    blk = stage[0]
-                    blk.aa = make_pool(arch.pool, self._strided_conv(blk).out_channels, stride, reductions[i], **dd)
+        insert_stage_pools(arch, [stage[0] for stage in stages], self._strided_conv, **dd)
         self.init_weights(zero_init_last=zero_init_last)
-        self.feature_info = [dict(self.feature_info[0], reduction=1 if arch.prepool is not None else 2)] + [
-            dict(f, reduction=r) for f, r in zip(self.feature_info[1:], reductions[1:])]
+        self.feature_info = resnet_feature_info(self.feature_info, arch)
 
     @staticmethod
     def _strided_conv(blk: nn.Module) -> nn.Module:

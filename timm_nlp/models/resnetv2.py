@@ -14,7 +14,8 @@ from timm.models.resnetv2 import DownsampleConv, PreActBasic, PreActBottleneck, 
 
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import convert_dynamic_conv
-from ._pooled import check_output_stride, checkpoint_filter_fn, make_pool, set_stride
+from ._pooled import (
+    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, resnet_feature_info, set_stride)
 from ._registry import register_family
 
 __all__ = ['PooledResNetV2', 'PreActBasicPool', 'PreActBottleneckPool']
@@ -105,18 +106,12 @@ class PooledResNetV2(ResNetV2):
                 set_stride(blk.downsample.conv, stride)
         if arch.dynamic:
             convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
-        reductions = arch.reductions
         if arch.prepool is not None:
             self.stem.pool = make_pool(
                 arch.prepool, self.stem.conv.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
-        if pooled:
-            for i, (stage, stride) in enumerate(zip(self.stages, arch.strides)):
-                if stride > 1:
-                    blk = stage.blocks[0]
-                    blk.aa = make_pool(arch.pool, self._strided_conv(blk).out_channels, stride, reductions[i], **dd)
+        insert_stage_pools(arch, [stage.blocks[0] for stage in self.stages], self._strided_conv, **dd)
         self.init_weights(zero_init_last=zero_init_last)
-        self.feature_info = [dict(self.feature_info[0], reduction=1 if arch.prepool is not None else 2)] + [
-            dict(f, reduction=r) for f, r in zip(self.feature_info[1:], reductions[1:])]
+        self.feature_info = resnet_feature_info(self.feature_info, arch)
 
     @staticmethod
     def _strided_conv(blk: nn.Module) -> nn.Module:
