@@ -1,13 +1,14 @@
-"""Model cost accounting: multiply-accumulates (attention included)."""
+"""Model cost accounting: multiply-accumulates (attention included) and layer-by-layer activation memory."""
 import copy
-from typing import Tuple
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_macs']
+__all__ = ['count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory']
 
 
 def _deform_conv2d_flops(x_shape, weight_shape, offset_shape, mask_shape, bias_shape, *args, out_shape=None, **kw):
@@ -31,3 +32,94 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
         meta(torch.empty(batch_size, *input_size, device='meta'))
     return counter.get_total_flops() // 2
+
+
+@dataclass
+class LayerMemory:
+    """One step of layer-by-layer execution."""
+    name: str
+    kind: str
+    out_shape: Tuple[int, ...]
+    in_bytes: int
+    out_bytes: int
+    held_bytes: int
+
+    @property
+    def live_bytes(self) -> int:
+        return self.in_bytes + self.out_bytes + self.held_bytes
+
+
+@dataclass
+class ActivationProfile:
+    """Activation memory of one forward pass under layer-by-layer execution."""
+    layers: List[LayerMemory]
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(layer.live_bytes for layer in self.layers)
+
+    @property
+    def peak_layer(self) -> LayerMemory:
+        return max(self.layers, key=lambda layer: layer.live_bytes)
+
+    @property
+    def largest_map_bytes(self) -> int:
+        return max(max(layer.in_bytes, layer.out_bytes) for layer in self.layers)
+
+
+def _nbytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def activation_profile(
+        model: nn.Module,
+        input_size: Tuple[int, int, int] = (3, 224, 224),
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+) -> ActivationProfile:
+    """Per-step activation memory of an inference forward pass (meta device, nothing allocated).
+
+    A step is a leaf module (a conv, a norm, an activation, a linear layer...). Its live memory is its input
+    plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
+    A pooling layer (WeightedPool2d, GaussianPool2d) is also one step, whose live memory adds the importance
+    map it weights with; while its internal steps run, its own input stays live (it is weighted at the end)
+    and is counted as held. Tensors held across other steps (residual shortcuts) are not counted.
+    """
+    from timm_nlp.layers import GaussianPool2d, WeightedPool2d
+    meta = copy.deepcopy(model).to(device='meta', dtype=dtype).eval()
+    layers: List[LayerMemory] = []
+    held: List[int] = []
+    hooks = []
+
+    def leaf_hook(name):
+        def hook(module, inputs, output):
+            layers.append(LayerMemory(name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
+                                      _nbytes(output), sum(held)))
+        return hook
+
+    def pool_pre_hook(module, inputs):
+        held.append(_nbytes(inputs))
+
+    def pool_hook(name):
+        def hook(module, inputs, output):
+            held.pop()
+            extra = _nbytes(inputs) if isinstance(module, WeightedPool2d) else 0  # the importance map w
+            layers.append(LayerMemory(name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
+                                      _nbytes(output) + extra, sum(held)))
+        return hook
+
+    for name, module in meta.named_modules():
+        if isinstance(module, (WeightedPool2d, GaussianPool2d)):
+            hooks.append(module.register_forward_pre_hook(pool_pre_hook))
+            hooks.append(module.register_forward_hook(pool_hook(name)))
+        elif not any(True for _ in module.children()) and name:
+            hooks.append(module.register_forward_hook(leaf_hook(name)))
+    with torch.no_grad():
+        meta(torch.empty(batch_size, *input_size, device='meta', dtype=dtype))
+    for h in hooks:
+        h.remove()
+    return ActivationProfile(layers)

@@ -1,0 +1,360 @@
+"""A compact trainer assembled from timm's library, for users with no timm checkout: ``timm-nlp train``.
+
+timm.data (datasets, transforms, loaders), timm.optim, timm.scheduler, timm.task (ClassificationTask,
+ClassificationEvaluator, EMA) and timm.utils (CheckpointSaver) do the work; this module wires them, adds
+the default dataset (scikit-learn's handwritten digits, shipped inside scikit-learn), safetensors
+checkpoints, automatic resume and DistributedDataParallel under torchrun (gloo on CPU).
+"""
+import argparse
+import hashlib
+import logging
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+import timm
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.task import ClassificationEvaluator, ClassificationTask, evaluation_sample_limit
+from timm.utils import update_summary
+
+from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, save_weights
+from .grammar import ArchSpec
+from .layers import DynamicConv2d, set_dynamic_temperature
+from .models import create_model, load_stock_weights
+
+__all__ = ['add_train_args', 'train', 'DigitsDataset', 'resolve_datasets']
+
+_logger = logging.getLogger('timm_nlp.train')
+IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) as RGB PIL images.
+
+    A fixed stratified 80/20 split (seed 0) gives ``train`` and ``validation``; the transform up-samples.
+    """
+
+    def __init__(self, split: str = 'train', transform=None):
+        try:
+            from sklearn.datasets import load_digits
+            from sklearn.model_selection import train_test_split
+        except ImportError as e:
+            raise ImportError('The default digits dataset needs scikit-learn: pip install "timm-nlp[train]"') from e
+        import numpy as np
+        digits = load_digits()
+        idx = np.arange(len(digits.target))
+        train_idx, val_idx = train_test_split(idx, test_size=0.2, random_state=0, stratify=digits.target)
+        keep = train_idx if split == 'train' else val_idx
+        self.images = (digits.images[keep] * (255. / 16.)).clip(0, 255).astype(np.uint8)
+        self.targets = digits.target[keep].tolist()
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        img = Image.fromarray(self.images[i], mode='L').convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+def _check_image_folder(root: str, split: str) -> str:
+    """The split's folder; clear errors for a missing folder, no class folders or an empty class folder."""
+    candidates = [split] + (['validation', 'val', 'valid', 'test'] if split != 'train' else [])
+    path = next((os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))), None)
+    if path is None:
+        raise FileNotFoundError(f"No '{split}' folder in data dir '{root}' (looked for {', '.join(candidates)}); "
+                                'expected DIR/train/CLASS/*.png and DIR/val (or validation, test)/CLASS/*.png.')
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+    if not classes:
+        raise ValueError(f"'{path}' has no class folders; expected {path}/CLASS/image files.")
+    for c in classes:
+        cdir = os.path.join(path, c)
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(cdir) for f in fs):
+            raise ValueError(f"Class folder '{cdir}' contains no images ({', '.join(IMG_EXTENSIONS)}).")
+    return path
+
+
+def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
+    """Train and eval datasets and the class count: image folder, timm/torchvision dataset, or digits."""
+    if args.dataset:  # a timm dataset name, e.g. torch/cifar100, hfds/..., with --data-dir as its root
+        kw = dict(root=args.data_dir, download=args.dataset_download)
+        train_ds = create_dataset(args.dataset, split='train', is_training=True, **kw)
+        eval_ds = create_dataset(args.dataset, split=args.val_split, **kw)
+    elif args.data_dir:
+        if not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(f"Data dir '{args.data_dir}' does not exist.")
+        train_root = _check_image_folder(args.data_dir, 'train')
+        eval_root = _check_image_folder(args.data_dir, args.val_split)
+        train_ds = create_dataset('', root=train_root, is_training=True)
+        eval_ds = create_dataset('', root=eval_root, class_map=train_ds.reader.class_to_idx)
+    else:
+        train_ds, eval_ds = DigitsDataset('train'), DigitsDataset('validation')
+    if hasattr(train_ds, 'reader') and hasattr(train_ds.reader, 'class_to_idx'):
+        num_classes = len(train_ds.reader.class_to_idx)
+    elif hasattr(train_ds, 'classes'):
+        num_classes = len(train_ds.classes)
+    elif hasattr(getattr(train_ds, 'reader', None), 'classes'):
+        num_classes = len(train_ds.reader.classes)
+    else:
+        raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes.')
+    return train_ds, eval_ds, args.num_classes or num_classes
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``timm-nlp train`` arguments (names follow timm's train.py where they overlap)."""
+    parser.add_argument('--model', default='resnet18_nlp_headfix2_2222',
+                        help='registered name or any architecture string (seed or timm form)')
+    parser.add_argument('--data-dir', default='', help='image folder with train/ and val/ (or test/)')
+    parser.add_argument('--dataset', default='', help='timm dataset name, e.g. torch/cifar100 (root: --data-dir)')
+    parser.add_argument('--dataset-download', action='store_true', help='let a torch/ dataset download itself')
+    parser.add_argument('--val-split', default='validation')
+    parser.add_argument('--num-classes', type=int, default=None)
+    parser.add_argument('--output', default='output/train', help='run directory (checkpoints, summary.csv)')
+    parser.add_argument('--epochs', type=int, default=5)
+    parser.add_argument('--batch-size', '-b', type=int, default=32)
+    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--opt', default='sgd')
+    parser.add_argument('--lr', type=float, default=0.05)
+    parser.add_argument('--momentum', type=float, default=0.9)
+    parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--sched', default='cosine')
+    parser.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
+    parser.add_argument('--decay-rate', type=float, default=0.1)
+    parser.add_argument('--warmup-epochs', type=int, default=0)
+    parser.add_argument('--min-lr', type=float, default=0.)
+    parser.add_argument('--drop', type=float, default=0., help='classifier dropout')
+    parser.add_argument('--smoothing', type=float, default=0.)
+    parser.add_argument('--no-aug', action='store_true', help='resize and center crop only')
+    parser.add_argument('--hflip', type=float, default=None, help='flip probability (default 0.5; 0 for digits)')
+    parser.add_argument('--scale', type=float, nargs=2, default=None,
+                        help='random-resized-crop scale range (default 0.08 1; 0.6 1 for digits)')
+    parser.add_argument('--model-ema', action='store_true')
+    parser.add_argument('--model-ema-decay', type=float, default=0.998)
+    parser.add_argument('--stock-weights', default='',
+                        help="start from a stock timm checkpoint of the base model: a file, or 'hub' for the "
+                             "base model's default timm weights; the pooling modules keep their init")
+    parser.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors)')
+    parser.add_argument('--resume', default='auto',
+                        help="'auto': continue from OUTPUT/last.safetensors if present; 'none'; or a file")
+    parser.add_argument('--dy-anneal-epochs', type=int, default=10,
+                        help='dynamic convs: temperature annealed linearly 30 -> 1 over these epochs')
+    parser.add_argument('--checkpoint-hist', type=int, default=3)
+    parser.add_argument('--workers', '-j', type=int, default=0)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return parser
+
+
+def _init_distributed(device: str) -> Tuple[bool, int, int]:
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1:
+        return False, 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    return True, dist.get_rank(), dist.get_world_size()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, dtypes and bytes), to compare replicas."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resume_path(args: argparse.Namespace) -> Optional[str]:
+    if args.resume == 'none':
+        return None
+    if args.resume == 'auto':
+        path = os.path.join(args.output, 'last.safetensors')
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"Resume checkpoint '{args.resume}' does not exist.")
+    return args.resume
+
+
+def _dy_temperature(epoch: int, anneal_epochs: int, start: float = 30.) -> float:
+    if anneal_epochs <= 0:
+        return 1.
+    return max(1., start - (start - 1.) * epoch / anneal_epochs)
+
+
+def _build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    try:
+        model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop)
+    except (RuntimeError, ValueError) as e:
+        if timm.is_model(args.model):
+            raise
+        raise ValueError(f"Unknown model '{args.model}': not a registered timm model and not a valid "
+                         f'architecture string ({e}).') from None
+    if args.stock_weights:
+        base = model.arch.base_name if hasattr(model, 'arch') else None
+        if base is None:
+            raise ValueError('--stock-weights applies to timm-nlp pooled models only.')
+        if args.stock_weights == 'hub':
+            stock = timm.create_model(base, pretrained=True, num_classes=num_classes).state_dict()
+        else:
+            stock = load_weights(args.stock_weights)
+        head = model.pretrained_cfg.get('classifier')
+        stock = {k: v for k, v in stock.items() if not (head and k.startswith(head + '.'))}
+        load_stock_weights(model, stock)
+    if args.initial_checkpoint:
+        model.load_state_dict(load_weights(args.initial_checkpoint))
+    return model
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train one model; returns its final metrics, sizes, throughput and checkpoint paths."""
+    distributed, rank, world = _init_distributed(args.device)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    train_ds, eval_ds, num_classes = resolve_datasets(args)
+    model = _build_model(args, num_classes).to(device)
+    data_cfg = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size)), model=model)
+    loader_kw = dict(input_size=data_cfg['input_size'], mean=data_cfg['mean'], std=data_cfg['std'],
+                     interpolation=data_cfg['interpolation'], num_workers=args.workers, distributed=distributed,
+                     use_prefetcher=False, device=device, persistent_workers=args.workers > 0)
+    digits = isinstance(train_ds, DigitsDataset)
+    hflip = args.hflip if args.hflip is not None else (0. if digits else 0.5)
+    scale = tuple(args.scale) if args.scale is not None else ((0.6, 1.) if digits else (0.08, 1.))
+    train_loader = create_loader(
+        train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, hflip=hflip, scale=scale,
+        color_jitter=0., **loader_kw)
+    eval_loader = create_loader(eval_ds, batch_size=args.batch_size, is_training=False, crop_pct=1.0, **loader_kw)
+    task = ClassificationTask(model, criterion_kwargs=dict(smoothing=args.smoothing), device=device, verbose=False)
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay)
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_milestones=args.decay_milestones,
+        decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
+        updates_per_epoch=len(train_loader))
+    dynamic = any(isinstance(m, DynamicConv2d) for m in model.modules())
+
+    start_epoch = 0
+    resume = _resume_path(args)
+    saver = None
+    if rank == 0:
+        os.makedirs(args.output, exist_ok=True)
+        saver = SafetensorsCheckpointSaver(model, optimizer, args=args, task=task, checkpoint_dir=args.output,
+                                           recovery_dir=args.output, max_history=args.checkpoint_hist)
+    if resume:
+        ckpt = load_training_checkpoint(resume)
+        if ckpt.get('arch') not in (None, args.model):
+            raise ValueError(f"'{resume}' is a checkpoint of '{ckpt.get('arch')}', not of '{args.model}'.")
+        model.load_state_dict(ckpt['state_dict'])
+        if 'state_dict_ema' in ckpt and task.has_ema():
+            task.load_checkpoint_state(ckpt['state_dict_ema'], ema=True)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch = ckpt['epoch'] + 1
+        if saver is not None:
+            saver.load_state_dict_from_checkpoint(resume)
+        if rank == 0:
+            _logger.info(f"Resumed from '{resume}' at epoch {start_epoch} of {num_epochs}")
+    if distributed:
+        task.prepare_distributed()
+    if start_epoch > 0:
+        scheduler.step(start_epoch)
+
+    metrics: Dict[str, float] = {}
+    train_ips = eval_ips = 0.
+    for epoch in range(start_epoch, num_epochs):
+        torch.manual_seed(args.seed + epoch)  # epoch-seeded shuffling/augmentation: resume replays the same run
+        if distributed:
+            train_loader.sampler.set_epoch(epoch)
+        if dynamic:
+            set_dynamic_temperature(model, _dy_temperature(epoch, args.dy_anneal_epochs))
+        train_metrics, train_ips = _train_one_epoch(task, optimizer, scheduler, train_loader, epoch, num_epochs,
+                                                    device, progress=rank == 0 and not args.no_progress)
+        metrics, eval_ips = _evaluate(task.get_eval_model(), eval_loader, device, distributed)
+        if task.has_ema():
+            ema_metrics, _ = _evaluate(task.get_eval_model(ema=True), eval_loader, device, distributed)
+            metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+        scheduler.step(epoch + 1, metrics['top1'])
+        if rank == 0:
+            lr = optimizer.param_groups[0]['lr']
+            _logger.info(f"epoch {epoch + 1}/{num_epochs}  train_loss {train_metrics['loss']:.4f}  "
+                         f"eval_loss {metrics['loss']:.4f}  top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
+                         f"lr {lr:.2e}  train {train_ips:.0f} img/s")
+            update_summary(epoch, train_metrics, metrics, os.path.join(args.output, 'summary.csv'), lr=lr,
+                           write_header=epoch == 0)
+            saver.save_checkpoint(epoch, metric=metrics['top1'])
+    digest = weights_digest(model)
+    _logger.info(f'rank {rank} final weights sha256 {digest}')
+    result = dict(model=args.model, epochs=num_epochs, start_epoch=start_epoch, weights_sha256=digest,
+                  params=sum(p.numel() for p in model.parameters()), train_img_s=train_ips, eval_img_s=eval_ips,
+                  **{k: v for k, v in metrics.items()})
+    if rank == 0:
+        best = os.path.join(args.output, 'model_best.safetensors')
+        if os.path.isfile(best):
+            ckpt = load_training_checkpoint(best)
+            weights = ckpt.get('state_dict_ema') if args.model_ema else ckpt['state_dict']
+            save_weights(os.path.join(args.output, 'model.safetensors'), weights,
+                         dict(architecture=args.model, num_classes=num_classes, epoch=ckpt['epoch'],
+                              top1=ckpt.get('metric'), label_names=getattr(train_ds, 'classes', None)))
+            result.update(best_top1=saver.best_metric, best_epoch=saver.best_epoch, output=args.output,
+                          weights=os.path.join(args.output, 'model.safetensors'))
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def _train_one_epoch(task, optimizer, scheduler, loader, epoch: int, num_epochs: int, device,
+                     progress: bool) -> Tuple[Dict[str, float], float]:
+    task.train()
+    num_updates = epoch * len(loader)
+    loss_sum, seen, start = 0., 0, time.perf_counter()
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(loader, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False, dynamic_ncols=True)
+    for images, targets in batches:
+        images, targets = images.to(device), targets.to(device)
+        loss = task(images, targets)['loss']
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        task.update_ema(step=num_updates)
+        num_updates += 1
+        scheduler.step_update(num_updates=num_updates)
+        loss_sum += loss.item() * images.shape[0]
+        seen += images.shape[0]
+        if progress:
+            batches.set_postfix(loss=f'{loss.item():.3f}')
+    elapsed = time.perf_counter() - start
+    return {'loss': loss_sum / max(seen, 1)}, seen / max(elapsed, 1e-9)
+
+
+@torch.no_grad()
+def _evaluate(model, loader, device, distributed: bool) -> Tuple[Dict[str, float], float]:
+    model.eval()
+    evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader))
+    seen, start = 0, time.perf_counter()
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        evaluator.update(model(images), targets)
+        seen += images.shape[0]
+    elapsed = time.perf_counter() - start
+    return dict(evaluator.compute(distributed=distributed)), seen / max(elapsed, 1e-9)
+
+
+def parse_models(models: Sequence[str]) -> List[str]:
+    """Validate model names before any training starts."""
+    for name in models:
+        if not timm.is_model(name):
+            ArchSpec.parse(name)  # raises a ValueError naming the bad token
+    return list(models)
