@@ -21,7 +21,7 @@ from timm.data import create_dataset, create_loader, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationEvaluator, ClassificationTask, evaluation_sample_limit
-from timm.utils import update_summary
+from timm.utils import random_seed, update_summary
 
 from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, save_weights
 from .grammar import ArchSpec
@@ -219,7 +219,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Train one model; returns its final metrics, sizes, throughput and checkpoint paths."""
     distributed, rank, world = _init_distributed(args.device)
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
+    random_seed(args.seed)
     train_ds, eval_ds, num_classes = resolve_datasets(args)
     model = _build_model(args, num_classes).to(device)
     data_cfg = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size)), model=model)
@@ -272,7 +272,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     metrics: Dict[str, float] = {}
     train_ips = eval_ips = 0.
     for epoch in range(start_epoch, num_epochs):
-        torch.manual_seed(args.seed + epoch)  # epoch-seeded shuffling/augmentation: resume replays the same run
+        # epoch-seeded shuffling and augmentation (torch, numpy, python): a resumed run replays the same epochs
+        random_seed(args.seed + epoch, rank)
         if distributed:
             train_loader.sampler.set_epoch(epoch)
         if dynamic:
