@@ -1,4 +1,4 @@
-"""The ``timm-nlp`` command line: train, compare, stl10 (dataset conversion)."""
+"""The ``timm-nlp`` command line: train, compare, push (Hugging Face Hub), stl10 (dataset conversion)."""
 import argparse
 import copy
 import logging
@@ -44,6 +44,17 @@ def _compare(args: argparse.Namespace) -> List[dict]:
     return results
 
 
+def _push(args: argparse.Namespace) -> None:
+    from .hub import export_for_hub, push
+    if args.dry_run:
+        if not args.out:
+            raise ValueError('--dry-run needs --out DIR.')
+        out = export_for_hub(args.checkpoint, args.out, args.repo)
+        print(f'dry run: {", ".join(sorted(p.name for p in out.iterdir()))} written to {out}; nothing uploaded')
+    else:
+        print(push(args.checkpoint, args.repo, token=args.token, private=args.private))
+
+
 def _stl10(args: argparse.Namespace) -> None:
     from .tools.stl10 import convert_stl10
     counts = convert_stl10(args.src, args.dst, splits=args.splits)
@@ -61,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--models', nargs='+', default=list(COMPARE_MODELS))
     # sized to finish in under 5 minutes on 2 CPU cores with the digits default
     p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.1, img_size=28)
+    p = sub.add_parser('push', help='publish a trained model to the Hugging Face Hub (timm format)')
+    p.add_argument('checkpoint', help='model.safetensors or a training checkpoint written by timm-nlp train')
+    p.add_argument('--repo', required=True, help='explicit repository id, ORG/NAME')
+    p.add_argument('--dry-run', action='store_true', help='write the files to --out, upload nothing')
+    p.add_argument('--out', default='', help='output folder of --dry-run')
+    p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN)')
+    p.add_argument('--private', action='store_true')
+    p.set_defaults(func=_push)
     p = sub.add_parser('stl10', help="convert torchvision's STL-10 binary files to an image folder")
     p.add_argument('src', help='folder holding train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt')
     p.add_argument('dst', help='output folder: DST/train/CLASS/*.png, DST/test/CLASS/*.png')

@@ -26,7 +26,7 @@ from timm.utils import random_seed, update_summary
 from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, save_weights
 from .grammar import ArchSpec
 from .layers import DynamicConv2d, set_dynamic_temperature
-from .models import create_model, load_stock_weights
+from .models import create_model, load_stock_source
 
 __all__ = ['add_train_args', 'train', 'DigitsDataset', 'resolve_datasets']
 
@@ -141,8 +141,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--model-ema', action='store_true')
     parser.add_argument('--model-ema-decay', type=float, default=0.998)
     parser.add_argument('--stock-weights', default='',
-                        help="start from a stock timm checkpoint of the base model: a file, or 'hub' for the "
-                             "base model's default timm weights; the pooling modules keep their init")
+                        help='start from stock timm weights of the base model: a timm name with tag (from the Hub, '
+                             'e.g. resnet18.a1_in1k) or a checkpoint file; the pooling modules keep their init')
     parser.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors)')
     parser.add_argument('--resume', default='auto',
                         help="'auto': continue from OUTPUT/last.safetensors if present; 'none'; or a file")
@@ -200,16 +200,9 @@ def _build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
         raise ValueError(f"Unknown model '{args.model}': not a registered timm model and not a valid "
                          f'architecture string ({e}).') from None
     if args.stock_weights:
-        base = model.arch.base_name if hasattr(model, 'arch') else None
-        if base is None:
+        if not hasattr(model, 'arch'):
             raise ValueError('--stock-weights applies to timm-nlp pooled models only.')
-        if args.stock_weights == 'hub':
-            stock = timm.create_model(base, pretrained=True, num_classes=num_classes).state_dict()
-        else:
-            stock = load_weights(args.stock_weights)
-        head = model.pretrained_cfg.get('classifier')
-        stock = {k: v for k, v in stock.items() if not (head and k.startswith(head + '.'))}
-        load_stock_weights(model, stock)
+        load_stock_source(model, args.stock_weights)
     if args.initial_checkpoint:
         model.load_state_dict(load_weights(args.initial_checkpoint))
     return model
@@ -305,13 +298,30 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             weights = ckpt.get('state_dict_ema') if args.model_ema else ckpt['state_dict']
             save_weights(os.path.join(args.output, 'model.safetensors'), weights,
                          dict(architecture=args.model, num_classes=num_classes, epoch=ckpt['epoch'],
-                              top1=ckpt.get('metric'), label_names=getattr(train_ds, 'classes', None)))
+                              top1=ckpt.get('metric'), label_names=_label_names(train_ds),
+                              recipe=_recipe(args, train_ds)))
             result.update(best_top1=saver.best_metric, best_epoch=saver.best_epoch, output=args.output,
                           weights=os.path.join(args.output, 'model.safetensors'))
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
     return result
+
+
+def _label_names(dataset: Dataset) -> Optional[List[str]]:
+    names = getattr(dataset, 'classes', None)
+    if names is None and hasattr(getattr(dataset, 'reader', None), 'class_to_idx'):
+        names = [c for c, _ in sorted(dataset.reader.class_to_idx.items(), key=lambda kv: kv[1])]
+    return list(names) if names is not None else None
+
+
+def _recipe(args: argparse.Namespace, dataset: Dataset) -> Dict[str, Any]:
+    """The training recipe recorded with the exported weights (and in the Hub model card)."""
+    name = args.dataset or (os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else None)
+    return dict(dataset=name or 'sklearn-digits', epochs=args.epochs, batch_size=args.batch_size,
+                img_size=args.img_size, opt=args.opt, lr=args.lr, momentum=args.momentum,
+                weight_decay=args.weight_decay, sched=args.sched, drop=args.drop, seed=args.seed,
+                stock_weights=args.stock_weights or None, model_ema=args.model_ema)
 
 
 def _train_one_epoch(task, optimizer, scheduler, loader, epoch: int, num_epochs: int, device,

@@ -13,7 +13,8 @@ from timm_nlp.layers import create_pool2d
 
 __all__ = [
     'make_pool', 'set_stride', 'insert_stage_pools', 'resnet_feature_info', 'pooled_cfg', 'TransferReport',
-    'adapt_stock_state_dict', 'load_stock_weights', 'checkpoint_filter_fn', 'PAPER_ID', 'check_output_stride',
+    'adapt_stock_state_dict', 'load_stock_weights', 'load_stock_source', 'checkpoint_filter_fn', 'PAPER_ID',
+    'check_output_stride',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -151,7 +152,16 @@ def _new_modules(model: nn.Module, new: set) -> List[str]:
 
 
 def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> TransferReport:
-    """Load a stock timm checkpoint of the base model into ``model``; the pooling modules keep their init."""
+    """Load a stock timm checkpoint of the base model into ``model``; the pooling modules keep their init.
+
+    A classifier of another class count is left at its initialisation (reset, as timm does when
+    ``num_classes`` differs from the checkpoint's); any other shape mismatch is an error naming the tensors.
+    """
+    head = getattr(model, 'pretrained_cfg', {}).get('classifier')
+    if head:
+        target = model.state_dict()
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not (k.startswith(head + '.') and k in target and target[k].shape != v.shape)}
     adapted, report = adapt_stock_state_dict(state_dict, model)
     if report.mismatched:
         shown = [f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched[:8]]
@@ -165,11 +175,42 @@ def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
     return report
 
 
+def load_stock_source(model: nn.Module, source: str) -> TransferReport:
+    """Start ``model`` from stock timm weights of its base model: a timm name with tag (weights from the Hub,
+    e.g. ``resnet18.a1_in1k``) or a checkpoint file (read safely, see ``timm_nlp.checkpoint.load_weights``)."""
+    import os
+    import timm
+    from timm_nlp.checkpoint import load_weights
+    arch = getattr(model, 'arch', None)
+    if os.path.isfile(source):
+        state_dict = load_weights(source)
+    else:
+        base = source.split('.')[0]
+        if arch is not None and base != arch.base_name:
+            raise ValueError(f"stock_weights='{source}' are weights of {base}, but {arch.seed} is built from "
+                             f'{arch.base_name}; use {arch.base_name}.<tag>, e.g. one of '
+                             f"{timm.list_pretrained(arch.base_name + '.*')[:4]}.")
+        state_dict = timm.create_model(source, pretrained=True).state_dict()
+    return load_stock_weights(model, state_dict)
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """``pretrained_filter_fn`` for timm: unwraps ``state_dict``/``model`` containers, adapts stock checkpoints."""
+    """``pretrained_filter_fn`` for timm's ``pretrained=True`` loading of published timm-nlp weights.
+
+    Unwraps ``state_dict``/``model`` containers; a checkpoint of another architecture raises, naming the
+    mismatching tensors, instead of loading partially.
+    """
     for wrapper in ('state_dict', 'model', 'state_dict_ema'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
-    adapted, _ = adapt_stock_state_dict(state_dict, model)
+    adapted, report = adapt_stock_state_dict(state_dict, model)
+    head = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
+    wrong = [m for m in report.mismatched if not (head and m[0].startswith(head + '.'))]
+    if wrong or report.unused:
+        arch = getattr(model, 'arch', None)
+        raise ValueError(f'Checkpoint does not match {arch.seed if arch else type(model).__name__}: '
+                         + ', '.join([f'{k} checkpoint {a} vs model {b}' for k, a, b in wrong[:8]]
+                                     + [f'unexpected {k}' for k in report.unused[:8]]))
+    # a classifier of another class count is dropped here; timm then resets the head (num_classes differs)
     return adapted

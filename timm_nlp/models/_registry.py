@@ -5,20 +5,25 @@ stage at 2, first stage at 4), a generic entrypoint ``[dy]{prefix}_pooled`` conf
 grammar string reaches timm's ``train.py`` through ``--model-kwargs``), and the paper's example architecture
 strings, registered verbatim and under their timm-form names.
 """
+import dataclasses
 import fnmatch
+import json
+import os
 import sys
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from timm.models import generate_default_cfgs, register_model
+from timm.models import PretrainedCfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from timm_nlp.grammar import BACKBONES, ArchSpec
-from ._pooled import pooled_cfg
+from ._pooled import load_stock_source, pooled_cfg
 
 __all__ = [
     'GRID_POOLS', 'PAPER_EXAMPLES', 'grid_specs', 'generic_name', 'register_family', 'create_model',
-    'list_pooled_models',
+    'list_pooled_models', 'load_manifest', 'register_pretrained', 'MANIFEST_PATH',
 ]
 
 GRID_POOLS = (
@@ -38,6 +43,87 @@ PAPER_EXAMPLES = (
 
 CreateFn = Callable[..., nn.Module]
 _REGISTERED: List[str] = []
+_ENTRIES: Dict[str, Tuple[Callable[..., nn.Module], str, ArchSpec]] = {}  # name -> (entrypoint, module, spec)
+_RUNTIME_MANIFEST: List[Dict[str, Any]] = []
+
+MANIFEST_PATH = Path(__file__).parent / 'pretrained.json'
+_MANIFEST_REQUIRED = ('model', 'tag', 'hf_hub_id')
+_CFG_FIELDS = {f.name for f in dataclasses.fields(PretrainedCfg)}
+
+
+def load_manifest() -> List[Dict[str, Any]]:
+    """Published weights: the package manifest, the ``TIMM_NLP_MANIFEST`` file, and runtime registrations.
+
+    Each entry names a registered ``model``, a ``tag`` and an ``hf_hub_id``, and may set pretrained-cfg fields
+    (num_classes, input_size, mean, std, crop_pct, label_names, ...). There are no tags without weights.
+    """
+    entries = json.loads(MANIFEST_PATH.read_text())
+    extra = os.environ.get('TIMM_NLP_MANIFEST')
+    if extra:
+        entries += json.loads(Path(extra).read_text())
+    entries += _RUNTIME_MANIFEST
+    for e in entries:
+        missing = [k for k in _MANIFEST_REQUIRED if not e.get(k)]
+        if missing:
+            raise ValueError(f'Manifest entry {e} lacks {missing}.')
+    return entries
+
+
+def _cfgs_for(name: str, spec: ArchSpec, manifest: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """The untagged cfg of ``name`` (no weights) and one cfg per published tag."""
+    out = {name: pooled_cfg(spec)}
+    for e in manifest:
+        if e['model'] == name:
+            fields = {k: tuple(v) if isinstance(v, list) and k != 'label_names' else v
+                      for k, v in e.items() if k in _CFG_FIELDS}
+            out[f"{name}.{e['tag']}"] = pooled_cfg(spec, **fields)
+    return out
+
+
+def register_pretrained(*entries: Dict[str, Any]) -> None:
+    """Add published weights (manifest entries) to the registry at run time: ``name.tag`` becomes loadable."""
+    for e in entries:
+        if e.get('model') not in _ENTRIES:
+            raise ValueError(f"Manifest entry for unknown model '{e.get('model')}'; see list_pooled_models().")
+    _RUNTIME_MANIFEST.extend(entries)
+    manifest = load_manifest()
+    for name in dict.fromkeys(e['model'] for e in entries):
+        fn, module, spec = _ENTRIES[name]
+        sys.modules[module].default_cfgs.update(generate_default_cfgs(_cfgs_for(name, spec, manifest)))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # re-registering the same entrypoint with its new tags
+            register_model(fn)
+
+
+def _published() -> List[str]:
+    return [f"{e['model']}.{e['tag']} ({e['hf_hub_id']})" for e in load_manifest()]
+
+
+def _build(create_fn: CreateFn, name: str, spec: ArchSpec, pretrained: bool, kwargs: Dict[str, Any]) -> nn.Module:
+    """Build through ``create_fn``; refuse ``pretrained=True`` without weights; apply ``stock_weights``."""
+    stock = kwargs.pop('stock_weights', None)
+    if pretrained:
+        cfg = resolve_pretrained_cfg(name, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+        if not cfg.has_weights:
+            published = _published()
+            raise RuntimeError(
+                f"No published weights for '{name}'. Published timm-nlp weights: "
+                f"{', '.join(published) if published else 'none yet'}. To start from stock timm weights of its "
+                f"base model, use timm.create_model('{name}', stock_weights='{spec.base_name}.<tag>') (e.g. "
+                f"'{_default_tag(spec.base_name)}') or timm_nlp.load_stock_weights(model, "
+                'state_dict); the pooling modules keep their initialisation.')
+        if stock:
+            raise ValueError('Use either pretrained=True or stock_weights=, not both.')
+    model = create_fn(name, spec, pretrained, **kwargs)
+    if stock:
+        load_stock_source(model, stock)
+    return model
+
+
+def _default_tag(base: str) -> str:
+    import timm
+    tags = timm.list_pretrained(base + '.*')
+    return tags[0] if tags else base
 
 
 def grid_specs(backbone: str, dynamic: bool) -> List[ArchSpec]:
@@ -86,13 +172,16 @@ def register_family(module: str, backbones: Iterable[str], create_fn: CreateFn) 
         if spec.backbone in backbones:
             named[seed] = spec
             named.setdefault(spec.timm_name, spec)
-    cfgs = generate_default_cfgs({name: pooled_cfg(spec) for name, spec in {**named, **generic}.items()})
+    manifest = load_manifest()
+    cfgs = generate_default_cfgs({k: v for name, spec in {**named, **generic}.items()
+                                  for k, v in _cfgs_for(name, spec, manifest).items()})
     sys.modules[module].default_cfgs = cfgs
 
     for name, spec in named.items():
         def entry(pretrained: bool = False, _name: str = name, _spec: ArchSpec = spec, **kwargs: Any) -> nn.Module:
-            return create_fn(_name, _spec, pretrained, **kwargs)
-        _entrypoint(name, module, entry, f'{spec.seed} (timm name {spec.timm_name}).')
+            return _build(create_fn, _name, _spec, pretrained, kwargs)
+        _ENTRIES[name] = (_entrypoint(name, module, entry, f'{spec.seed} (timm name {spec.timm_name}).'),
+                          module, spec)
 
     for name, stock in generic.items():
         def entry(
@@ -110,10 +199,11 @@ def register_family(module: str, backbones: Iterable[str], create_fn: CreateFn) 
             cfg = pooled_cfg(spec)
             overlay = dict(pool_size=cfg['pool_size'], description=cfg['description'])
             overlay.update(kwargs.pop('pretrained_cfg_overlay', None) or {})
-            return create_fn(_name, spec, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
-        _entrypoint(name, module, entry,
-                    f'Generic {stock.backbone}{" (dynamic convs)" if stock.dynamic else ""}: '
-                    f'kwargs pool=, strides=, prepool=, prepool_stride= set the architecture.')
+            return _build(create_fn, _name, spec, pretrained, dict(kwargs, pretrained_cfg_overlay=overlay))
+        _ENTRIES[name] = (_entrypoint(name, module, entry,
+                                      f'Generic {stock.backbone}{" (dynamic convs)" if stock.dynamic else ""}: '
+                                      f'kwargs pool=, strides=, prepool=, prepool_stride= set the architecture.'),
+                          module, stock)
     return cfgs
 
 

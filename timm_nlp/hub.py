@@ -1,0 +1,122 @@
+"""Publishing trained models to the Hugging Face Hub and the manifest of published weights.
+
+``timm-nlp push CHECKPOINT --repo ORG/NAME`` writes, with timm's own ``save_for_hf``, ``config.json`` and
+``model.safetensors``, plus a model card, and uploads them (``--dry-run --out DIR`` writes them only).
+Published weights become pretrained tags through the manifest (``timm_nlp.models.load_manifest``):
+``timm.create_model('name.tag', pretrained=True)``.
+"""
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from torch import nn
+
+import timm
+from timm.models import save_for_hf
+
+from .checkpoint import CheckpointError, load_weights, read_metadata
+from .grammar import ArchSpec
+from .models import create_model
+
+__all__ = ['export_for_hub', 'push', 'model_card']
+
+def _checkpoint_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a trainer checkpoint describes, with its weights, and the checkpoint's metadata."""
+    meta = read_metadata(checkpoint) if checkpoint.endswith('.safetensors') else None
+    if not meta:
+        raise CheckpointError(f"'{checkpoint}' has no timm-nlp metadata (architecture, classes); push a "
+                              '`model.safetensors` or a training checkpoint written by `timm-nlp train`.')
+    arch = meta.get('architecture') or (meta.get('args') or {}).get('model')
+    state = load_weights(checkpoint)
+    head = state.get('fc.weight', state.get('head.fc.weight', state.get('classifier.weight')))
+    num_classes = meta.get('num_classes') or (head.shape[0] if head is not None else 1000)
+    model = create_model(arch, num_classes=num_classes)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"'{checkpoint}' does not match {arch}: missing {missing[:8]}, "
+                              f'unexpected {unexpected[:8]}.')
+    return model.eval(), dict(meta, architecture=arch, num_classes=num_classes)
+
+
+def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
+    """README.md with Hub metadata: method, paper, architecture, recipe, results and usage."""
+    from .profiler import activation_profile, count_macs
+    arch: ArchSpec = model.arch
+    recipe = meta.get('recipe') or {}
+    size = recipe.get('img_size') or model.pretrained_cfg['input_size'][-1]
+    params = sum(p.numel() for p in model.parameters())
+    macs = count_macs(model, (3, size, size))
+    peak = activation_profile(model, (3, size, size)).peak_bytes
+    dataset = recipe.get('dataset', 'unknown')
+    top1 = meta.get('top1')
+    front = ['---', 'license: apache-2.0', 'library_name: timm', 'pipeline_tag: image-classification',
+             'tags:', '- image-classification', '- timm', '- timm-nlp', '- self-attentive-pooling',
+             f'- {arch.pool.method}', 'datasets:', f'- {dataset}', 'metrics:', '- accuracy', '---']
+    rows = [('architecture (timm name)', f'`{meta["architecture"]}`'), ('architecture (seed form)', f'`{arch.seed}`'),
+            ('base model', f'timm `{arch.base_name}`'), ('classes', meta['num_classes']),
+            ('params', f'{params / 1e6:.2f} M'), (f'MACs @{size}x{size}', f'{macs / 1e6:.1f} M'),
+            (f'peak activation memory @{size}x{size}, batch 1 (layer-by-layer)', f'{peak / 1024:.1f} KiB')]
+    if top1 is not None:
+        rows.append((f'top-1 on {dataset}', f'{top1:.2f} %'))
+    recipe_lines = [f'- {k}: {v}' for k, v in recipe.items()] or ['- not recorded in the checkpoint']
+    prepool = f', pre-pool {arch.prepool} stride {arch.prepool_stride}' if arch.prepool else ''
+    body = [
+        f'# {repo_id.split("/")[-1]}', '',
+        f'An image classifier with **Self-Attentive Pooling** layers ({arch.pool} pooling, stage strides '
+        f'{arch.digits}{prepool}{", dynamic convolutions" if arch.dynamic else ""}), built on timm\'s '
+        f'`{arch.base_name}` by '
+        '[timm-nlp](https://pypi.org/project/timm-nlp/).', '',
+        'Method: F. Chen, G. Datta, S. Kundu, P. A. Beerel, *Self-Attentive Pooling for Efficient Deep Learning*, '
+        'WACV 2023 ([arXiv 2209.07659](https://arxiv.org/abs/2209.07659)). The pooling weights every activation '
+        'by a non-local, self-attention-derived importance map before down-sampling, so the network can '
+        'down-sample early, where activation maps are largest.', '',
+        '## Model', '', '| | |', '|---|---|'] + [f'| {k} | {v} |' for k, v in rows] + [
+        '', '## Training recipe', ''] + recipe_lines + [
+        '', '## Usage', '', '```python', 'import timm_nlp  # registers the pooled architectures with timm',
+        'import timm', '', f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
+        'cfg = timm.data.resolve_data_config({}, model=model)',
+        'transform = timm.data.create_transform(**cfg)', '```', '',
+        '## Citation', '', '```bibtex', '@inproceedings{chen2023self,',
+        '  title={Self-Attentive Pooling for Efficient Deep Learning},',
+        '  author={Chen, Fang and Datta, Gourav and Kundu, Souvik and Beerel, Peter A.},',
+        '  booktitle={IEEE/CVF Winter Conference on Applications of Computer Vision (WACV)},',
+        '  year={2023}, doi={10.1109/WACV56688.2023.00396}', '}', '```']
+    return '\n'.join(front + [''] + body) + '\n'
+
+
+def export_for_hub(checkpoint: str, out_dir: str, repo_id: str) -> Path:
+    """Write exactly what ``push`` uploads: config.json, model.safetensors (timm's save_for_hf) and README.md."""
+    model, meta = _checkpoint_model(checkpoint)
+    recipe = meta.get('recipe') or {}
+    data_config = {'input_size': (3, recipe['img_size'], recipe['img_size']), 'crop_pct': 1.0} \
+        if recipe.get('img_size') else None
+    model_config = dict(arch_seed=model.arch.seed, timm_nlp_version=timm_nlp_version())
+    if meta.get('label_names'):
+        model_config['label_names'] = list(meta['label_names'])
+    out = Path(out_dir)
+    save_for_hf(model, out, model_config=model_config, safe_serialization=True, data_config=data_config)
+    (out / 'README.md').write_text(model_card(model, meta, repo_id), encoding='utf-8')
+    return out
+
+
+def push(checkpoint: str, repo_id: str, token: Optional[str] = None, private: bool = False,
+         commit_message: str = 'Add timm-nlp model') -> str:
+    """Upload a trained model to ``repo_id`` (needs a token: ``token`` or ``HF_TOKEN``); returns the commit URL."""
+    import tempfile
+    from huggingface_hub import HfApi
+    token = token or os.environ.get('HF_TOKEN')
+    if not token:
+        raise ValueError('A real push needs a Hugging Face token: --token or the HF_TOKEN environment variable.')
+    if '/' not in repo_id:
+        raise ValueError(f"--repo must be an explicit 'ORG/NAME' repository id, got '{repo_id}'.")
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory() as tmp:
+        export_for_hub(checkpoint, tmp, repo_id)
+        return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))
+
+
+def timm_nlp_version() -> str:
+    from .version import __version__
+    return __version__
+
