@@ -206,7 +206,8 @@ print('fc kept', sd['fc.weight'].shape[0])
     n_stock = len(stock.state_dict())
     assert f'same {n_stock - 2} of {n_stock}' in proc.stdout and 'fc kept 10' in proc.stdout  # all but fc.*
     assert 'new module: layer1.0.aa' in proc.stderr and 'new module: layer4.0.aa' in proc.stderr
-    proc = _offline(hf_home, "import timm, timm_nlp\ntimm.create_model('resnet18_nlp_2222', stock_weights='resnet50.a1_in1k')")
+    code = "import timm, timm_nlp\ntimm.create_model('resnet18_nlp_2222', stock_weights='resnet50.a1_in1k')"
+    proc = _offline(hf_home, code)
     assert proc.returncode and 'are weights of resnet50, but resnet18-nlp-2222 is built from resnet18' in proc.stderr
 
 

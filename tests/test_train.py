@@ -55,6 +55,19 @@ def test_digits_training_learns(tmp_path):
         assert torch.equal(v, best['state_dict'][k])
 
 
+def test_compare_prints_the_table(tmp_path):
+    proc = _cli('compare', '--models', 'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222', '--epochs',
+                '1', '--img-size', '16', '--output', tmp_path / 'cmp', '--no-progress')
+    rows = {r.split('|')[1].strip(): [c.strip() for c in r.split('|')[2:-1]]
+            for r in proc.stdout.splitlines() if r.startswith('| resnet18')}
+    assert set(rows) == {'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222'}
+    stock, pooled = rows['resnet18_skip_1222'], rows['resnet18_nlp_headfix2_nowin_reduced_2222']
+    # columns: top-1, best top-1, params, peak memory, stage-1 map, train img/s, eval img/s, weights
+    assert float(stock[4]) == 4 * float(pooled[4])  # the first stage down-sampled by 2: a 4x smaller map
+    assert float(stock[2]) < float(pooled[2])
+    assert all(Path(r[7]).is_file() for r in rows.values())
+
+
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.) -> None:
     start = time.time()
     while not path.exists():

@@ -29,7 +29,7 @@ def _compare(args: argparse.Namespace) -> List[dict]:
             continue
         size = (3, args.img_size, args.img_size)
         result['peak_kib'] = activation_profile(timm.create_model(name, device='meta'), size).peak_bytes / 1024
-        stage1 = timm.create_model(name, features_only=True, out_indices=(1,), device='meta')
+        stage1 = timm.create_model(name, features_only=True, out_indices=(1,), device='meta').eval()
         result['stage1_kib'] = stage1(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
         results.append(result)
     if results:
