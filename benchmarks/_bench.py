@@ -11,7 +11,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -57,6 +57,20 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int = 5) -> Dict[str, float]:
+    """Median seconds per call of each function, measured in alternating rounds so that machine drift
+    (frequency, other load) affects every function alike and their ratios stay meaningful."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def print_table(header: Sequence[str], rows: List[Sequence[object]]) -> None:

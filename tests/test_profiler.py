@@ -1,9 +1,12 @@
-"""MAC counting, checked against the closed form of each layer."""
+"""MAC counting against closed forms; activation memory against an independent hook count; the CLI."""
+import pytest
 import timm
+import torch
 from torch import nn
 
+import timm_nlp  # noqa: F401
 from timm_nlp.layers import create_pool2d
-from timm_nlp.profiler import count_macs
+from timm_nlp.profiler import activation_profile, count_macs
 
 
 def test_conv_and_linear_macs():
@@ -34,3 +37,73 @@ def test_stock_resnet18_macs_and_model_is_untouched():
     assert next(model.parameters()).device.type == 'cpu'
     pooled = timm.create_model('resnet18_nlp_headfix2_1222', device='meta')
     assert 3.3 < count_macs(pooled) / count_macs(model) < 3.5
+
+
+def _independent_count(model, x):
+    """Live bytes of every step of a real forward, counted with hooks independently of the profiler: a leaf
+    module holds its input and output; a pooling layer holds its input, importance map (input-sized for the
+    weighted poolings) and output, and keeps its input alive while its own layers run."""
+    from timm_nlp.layers import GaussianPool2d, WeightedPool2d
+    steps, held, hooks = [], [], []
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    for name, m in model.named_modules():
+        if isinstance(m, (WeightedPool2d, GaussianPool2d)):
+            hooks.append(m.register_forward_pre_hook(lambda m, i: held.append(nbytes(i[0]))))
+
+            def pool_hook(m, i, o, name=name):
+                held.pop()
+                w = 0
+                if isinstance(m, WeightedPool2d):  # the weight map: output-sized when constant per window
+                    after = m.lip is None and not m.win_norm and m.nlp.patch_size % m.stride == 0
+                    w = nbytes(o) if after else nbytes(i[0])
+                steps.append((name, nbytes(i[0]) + w + nbytes(o) + sum(held)))
+            hooks.append(m.register_forward_hook(pool_hook))
+        elif name and not list(m.children()):
+            hooks.append(m.register_forward_hook(
+                lambda m, i, o, name=name: steps.append((name, nbytes(i[0]) + nbytes(o) + sum(held)))))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return steps
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'mobilenetv2_100', 'resnet18_nlp_headfix2_2222',
+                                  'mobilenetv2_lip_4222121', 'resnet18_gaussian_pool_4222',
+                                  'resnet18_nlp_headfix2_nowin_reduced_2222'])
+def test_profile_equals_independent_count(name):
+    model = timm.create_model(name)
+    steps = _independent_count(model, torch.randn(1, 3, 96, 96))
+    profile = activation_profile(model, (3, 96, 96))
+    assert [(s.name, s.live_bytes) for s in profile.layers] == steps
+    assert profile.peak_bytes == max(b for _, b in steps)
+
+
+@pytest.mark.parametrize('backbone,last,stock', [('resnet18', 'layer1.1.act2', '1222'),
+                                                 ('mobilenetv2', 'blocks.0.0.bn2.act', '1222121')])
+def test_first_stage_map_shrinks_with_the_stride(backbone, last, stock):
+    def stage1_bytes(digits):
+        layers = activation_profile(timm.create_model(f'{backbone}_lip_{digits}'), (3, 224, 224)).layers
+        return next(s.out_bytes for s in layers if s.name == last)
+    base = stage1_bytes(stock)
+    assert stage1_bytes('2' + stock[1:]) * 4 == base
+    assert stage1_bytes('4' + stock[1:]) * 16 == base
+
+
+def test_profile_cli_compare_and_plot(tmp_path):
+    import subprocess
+    import sys
+    png = tmp_path / 'mem.png'
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'profile', 'resnet18_lip_2222',
+                           'prepool-maxp-4-resnet18-skip-1222', '--compare', '--img-size', '64', '--plot', str(png)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r.split('|') for r in proc.stdout.splitlines() if r.startswith('| resnet18') or r.startswith('| prepool')]
+    names = [r[1].strip() for r in rows]
+    assert names == ['resnet18_lip_2222', 'prepool-maxp-4-resnet18-skip-1222', 'resnet18']
+    stock_peak = activation_profile(timm.create_model('resnet18'), (3, 64, 64)).peak_bytes
+    assert float(rows[2][5]) == round(stock_peak / 1024) and rows[2][6].strip() == '1.00x'
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'profile', 'resnet18_lip_2222', '--img-size', '64'],
+                          capture_output=True, text=True)
+    assert '| 0 | conv1 (Conv2d) | 1x64x32x32 |' in proc.stdout

@@ -1,4 +1,4 @@
-"""The ``timm-nlp`` command line: train, compare, push (Hugging Face Hub), stl10 (dataset conversion)."""
+"""The ``timm-nlp`` command line: train, compare, profile, push (Hugging Face Hub), stl10 (dataset conversion)."""
 import argparse
 import copy
 import logging
@@ -44,6 +44,34 @@ def _compare(args: argparse.Namespace) -> List[dict]:
     return results
 
 
+def _profile(args: argparse.Namespace) -> None:
+    import torch
+    from .profiler import compare_table, plot_memory, profile_model
+    dtype = getattr(torch, args.dtype)
+    profiles = [profile_model(name, args.img_size, dtype) for name in args.models]
+    for p in profiles if not args.compare else []:
+        print(f'\n{p.name}: {p.params / 1e6:.2f} M params, {p.macs / 1e9:.3f} GMACs, peak activation memory '
+              f'{p.memory.peak_bytes / 1024:.1f} KiB at {p.memory.peak_layer.name}, largest map '
+              f'{p.memory.largest_map_bytes / 1024:.1f} KiB ({args.img_size}x{args.img_size}, batch 1, {args.dtype})')
+        print('| step | layer | output | in KiB | out KiB | live KiB |\n|---|---|---|---|---|---|')
+        for i, layer in enumerate(p.memory.layers):
+            print(f'| {i} | {layer.name} ({layer.kind}) | {"x".join(map(str, layer.out_shape))} | '
+                  f'{layer.in_bytes / 1024:.1f} | {layer.out_bytes / 1024:.1f} | {layer.live_bytes / 1024:.1f} |')
+    if args.compare:
+        names = {p.name for p in profiles}
+        bases = {p.name: p for p in profiles}
+        bases.update({b: profile_model(b, args.img_size, dtype) for b in {p.base for p in profiles} - names})
+        header = ['model', 'params (M)', 'GMACs', 'MACs vs stock', 'peak act. (KiB)', 'reduction vs stock',
+                  'peak in stages (KiB)', 'reduction vs stock', 'largest map (KiB)', 'peak at']
+        print(f'\n{args.img_size}x{args.img_size}, batch 1, {args.dtype}, layer-by-layer execution\n')
+        print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
+        listed = profiles + [bases[b] for b in sorted(set(bases) - names)]
+        print('\n'.join('| ' + ' | '.join(r) + ' |' for r in compare_table(listed, bases)))
+    if args.plot:
+        plot_memory(profiles, args.plot)
+        print(f'plot written to {args.plot}')
+
+
 def _push(args: argparse.Namespace) -> None:
     from .hub import export_for_hub, push
     if args.dry_run:
@@ -72,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--models', nargs='+', default=list(COMPARE_MODELS))
     # sized to finish in under 5 minutes on 2 CPU cores with the digits default
     p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.1, img_size=28)
+    p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')
+    p.add_argument('models', nargs='+', help='registered model names (stock timm names too)')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    p.add_argument('--compare', action='store_true', help='one table, each model against its stock base model')
+    p.add_argument('--plot', default='', help='draw the per-layer memory curves to this PNG (matplotlib)')
+    p.set_defaults(func=_profile)
     p = sub.add_parser('push', help='publish a trained model to the Hugging Face Hub (timm format)')
     p.add_argument('checkpoint', help='model.safetensors or a training checkpoint written by timm-nlp train')
     p.add_argument('--repo', required=True, help='explicit repository id, ORG/NAME')

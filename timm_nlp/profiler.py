@@ -8,7 +8,10 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory']
+__all__ = [
+    'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ModelProfile', 'profile_model',
+    'compare_table', 'plot_memory',
+]
 
 
 def _deform_conv2d_flops(x_shape, weight_shape, offset_shape, mask_shape, bias_shape, *args, out_shape=None, **kw):
@@ -86,7 +89,7 @@ def activation_profile(
     A step is a leaf module (a conv, a norm, an activation, a linear layer...). Its live memory is its input
     plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
     A pooling layer (WeightedPool2d, GaussianPool2d) is also one step, whose live memory adds the importance
-    map it weights with; while its internal steps run, its own input stays live (it is weighted at the end)
+    map it weights with (input-sized, or output-sized where it is applied after pooling); while its internal steps run, its own input stays live (it is weighted at the end)
     and is counted as held. Tensors held across other steps (residual shortcuts) are not counted.
     """
     from timm_nlp.layers import GaussianPool2d, WeightedPool2d
@@ -107,7 +110,9 @@ def activation_profile(
     def pool_hook(name):
         def hook(module, inputs, output):
             held.pop()
-            extra = _nbytes(inputs) if isinstance(module, WeightedPool2d) else 0  # the importance map w
+            extra = 0  # the importance map w: input-sized, or output-sized when it is applied after pooling
+            if isinstance(module, WeightedPool2d):
+                extra = _nbytes(output) if module.weights_after_pooling else _nbytes(inputs)
             layers.append(LayerMemory(name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
                                       _nbytes(output) + extra, sum(held)))
         return hook
@@ -123,3 +128,67 @@ def activation_profile(
     for h in hooks:
         h.remove()
     return ActivationProfile(layers)
+
+
+@dataclass
+class ModelProfile:
+    """Costs of one model at one input size."""
+    name: str
+    base: str
+    params: int
+    macs: int
+    memory: ActivationProfile
+    stage_prefixes: Tuple[str, ...] = ()
+
+    @property
+    def stage_peak_bytes(self) -> int:
+        """Peak over the steps of the stages, i.e. beyond the stem."""
+        return max(layer.live_bytes for layer in self.memory.layers if layer.name.startswith(self.stage_prefixes))
+
+
+def profile_model(name: str, img_size: int = 224, dtype: torch.dtype = torch.float32) -> ModelProfile:
+    """Params, MACs and layer-by-layer activation memory of a model (any timm name or architecture string),
+    built on the meta device."""
+    from timm_nlp.models import create_model
+    model = create_model(name, device='meta')
+    arch = getattr(model, 'arch', None)
+    size = (3, img_size, img_size)
+    stems = ('act1', 'stem', 'bn1', 'conv1', 'conv_stem')
+    stages = tuple(sorted({f['module'].split('.')[0] + '.' if f['module'].startswith(('stages.', 'blocks.'))
+                           else f['module'] for f in model.feature_info if not f['module'].startswith(stems)}))
+    return ModelProfile(name, arch.base_name if arch is not None else name,
+                        sum(p.numel() for p in model.parameters()), count_macs(model, size),
+                        activation_profile(model, size, dtype=dtype), stages)
+
+
+def compare_table(profiles: List[ModelProfile], bases: dict) -> List[List[str]]:
+    """Rows of the ``--compare`` table; ``bases`` maps a base name to its own profile."""
+    rows = []
+    for p in profiles:
+        b = bases[p.base]
+        rows.append([p.name, f'{p.params / 1e6:.2f}', f'{p.macs / 1e9:.3f}', f'{p.macs / b.macs:.2f}x',
+                     f'{p.memory.peak_bytes / 1024:.0f}', f'{b.memory.peak_bytes / p.memory.peak_bytes:.2f}x',
+                     f'{p.stage_peak_bytes / 1024:.0f}', f'{b.stage_peak_bytes / p.stage_peak_bytes:.2f}x',
+                     f'{p.memory.largest_map_bytes / 1024:.0f}', p.memory.peak_layer.name])
+    return rows
+
+
+def plot_memory(profiles: List[ModelProfile], path: str) -> None:
+    """Per-step live activation memory of each model (matplotlib, the ``plot`` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError('--plot needs matplotlib: pip install "timm-nlp[plot]"') from e
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for p in profiles:
+        ax.plot([layer.live_bytes / 1024 for layer in p.memory.layers], label=p.name, linewidth=1.2)
+    ax.set_yscale('log')
+    ax.set_xlabel('step (layer-by-layer execution order)')
+    ax.set_ylabel('live activation memory (KiB, log)')
+    ax.legend(fontsize=8)
+    ax.grid(True, which='both', alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

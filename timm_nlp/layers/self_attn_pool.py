@@ -117,13 +117,15 @@ class SelfAttentiveImportance(nn.Module):
             return self.pos_embed
         return F.interpolate(self.pos_embed, size=size, mode='bilinear', align_corners=False)
 
-    def _upsample(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        if self.patch_size == 1:
-            return t
-        t = F.interpolate(t, scale_factor=float(self.patch_size), mode='nearest')
+    def _upsample(self, t: torch.Tensor, size: Tuple[int, int], factor: int) -> torch.Tensor:
+        if factor > 1:
+            t = F.interpolate(t, scale_factor=float(factor), mode='nearest')
         return t[:, :, :size[0], :size[1]]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """The logit map of ``x``; with ``stride`` > 1 (a divisor of the patch size) only its value at every
+        ``stride``-th position, i.e. at each pooling window, where it is constant (the map is constant on
+        patches): the full-resolution map is never up-sampled in eval."""
         B, _, H, W = x.shape
         p = self.patch_size
         pad_h, pad_w = (p - H % p) % p, (p - W % p) % p
@@ -136,6 +138,8 @@ class SelfAttentiveImportance(nn.Module):
         t = t.transpose(1, 2).reshape(B, self.embed_dim, Hp, Wp)
         if self.training:
             # BN batch statistics are defined over the full-resolution map: restore after up-sampling
-            return self.restore_norm(self.restore(self._upsample(t, (H, W)))).sigmoid()
+            logit = self.restore_norm(self.restore(self._upsample(t, (H, W), p))).sigmoid()
+            return logit[:, :, ::stride, ::stride] if stride > 1 else logit
         # in eval conv1x1, BN and sigmoid are pointwise, so they commute with nearest up-sampling
-        return self._upsample(self.restore_norm(self.restore(t)).sigmoid(), (H, W))
+        size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
+        return self._upsample(self.restore_norm(self.restore(t)).sigmoid(), size, p // stride)

@@ -86,11 +86,23 @@ class WeightedPool2d(nn.Module):
         assert self.nlp is not None
         return self.nlp(x)
 
+    @property
+    def weights_after_pooling(self) -> bool:
+        """True when the weight is constant inside every window (a non-local-only, un-normalised pool whose
+        patch size is a multiple of the stride): then ``avgpool(x * w) = avgpool(x) * w`` at the windows."""
+        return self.lip is None and self.nlp is not None and not self.win_norm and \
+            self.nlp.patch_size % self.stride == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 'WeightedPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
-        return weighted_pool2d(x, self.logit(x).exp(), self.stride, self.win_norm)
+        s = self.stride
+        if self.weights_after_pooling:
+            assert self.nlp is not None
+            # no full-resolution weight map is formed
+            return F.avg_pool2d(x, s, s, ceil_mode=True) * self.nlp(x, s).exp()
+        return weighted_pool2d(x, self.logit(x).exp(), s, self.win_norm)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, stride={self.stride}, win_norm={self.win_norm}'

@@ -1,0 +1,147 @@
+"""Pooled models against their stock timm base and against the plain nn.MultiheadAttention formulation of nlp.
+
+    python benchmarks/bench_models.py [--batch 8] [--img-size 224] [--threads 2] [--repeats 5] [--no-compile]
+
+Inference (eval, no grad) and a training step (forward, backward, SGD step) per model: fp32 (timed in
+interleaved rounds, so the ratios share the machine's state), channels_last, bf16 autocast, torch.compile,
+and peak memory (see _bench.py), all in one run. The ratios are checked against the issue's targets.
+"""
+import argparse
+import copy
+
+import timm
+import torch
+from torch import nn
+
+from _bench import env_line, import_tests_reference, interleaved_times, median_time, peak_memory, print_table
+import timm_nlp  # noqa: F401  registers the models
+from timm_nlp.layers import WeightedPool2d
+from timm_nlp.profiler import count_macs
+
+MiB = 2 ** 20
+STOCK, OURS, PLAIN, REDUCED = ('resnet18 (stock timm)', 'resnet18_nlp_headfix2_1222',
+                               'resnet18_nlp_headfix2_1222, plain MHA', 'resnet18_nlp_headfix2_nowin_reduced_1222')
+
+
+def plain_formulation(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose non-local pooling layers run the plain nn.MultiheadAttention formulation."""
+    reference = import_tests_reference()
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, WeightedPool2d) and module.nlp is not None:
+            parent, _, child = name.rpartition('.')
+            setattr(model.get_submodule(parent) if parent else model, child, reference.PlainNlpPool(module))
+    return model
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BN weights and statistics: timm zero-initialises the last BN of each residual branch, which
+    would hide the pooling layers from the logits and make an output comparison vacuous."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+def infer_fn(model: nn.Module, x: torch.Tensor, bf16: bool = False):
+    model.eval()
+
+    def run():
+        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            return model(x)
+    return run
+
+
+def train_fn(model: nn.Module, x: torch.Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+    return run
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--no-compile', action='store_true')
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    size = (3, args.img_size, args.img_size)
+    print(f'# bench_models: batch {args.batch}, {args.img_size}x{args.img_size}; {env_line(args.threads)}')
+    print(f'# fp32 times: median of {args.repeats} interleaved rounds after 1 warm-up; other columns: median of 3 '
+          'calls; peak: RSS above the pre-call level (benchmarks/_bench.py); train step = forward + backward + SGD\n')
+
+    ours = randomize_norms(timm.create_model(OURS))
+    models = {STOCK: timm.create_model('resnet18'), OURS: ours, PLAIN: plain_formulation(ours),
+              REDUCED: randomize_norms(timm.create_model(REDUCED))}
+    with torch.no_grad():
+        diff = (models[PLAIN].eval()(x[:2]) - ours.eval()(x[:2])).abs().max().item()
+    res = {name: {'macs': count_macs(m, size)} for name, m in models.items()}
+    for name, t in interleaved_times({n: infer_fn(m, x) for n, m in models.items()}, args.repeats).items():
+        res[name]['fp32'] = t
+    for name, t in interleaved_times({n: train_fn(m, x) for n, m in models.items()}, args.repeats).items():
+        res[name]['train'] = t
+    for name, model in models.items():
+        r = res[name]
+        r['fp32_mem'] = peak_memory(infer_fn(model, x))
+        r['train_mem'] = peak_memory(train_fn(model, x))
+        if name == PLAIN:  # the reference formulation is timed in fp32 only
+            continue
+        r['cl'] = median_time(infer_fn(model.to(memory_format=torch.channels_last),
+                                       x.to(memory_format=torch.channels_last)))
+        model.to(memory_format=torch.contiguous_format)
+        r['bf16'] = median_time(infer_fn(model, x, bf16=True), repeats=1)
+    if not args.no_compile:  # last, so inductor's worker processes cannot disturb the eager timings
+        for name in (STOCK, OURS, REDUCED):
+            compiled = torch.compile(copy.deepcopy(models[name]).eval())
+            res[name]['compiled'] = median_time(infer_fn(compiled, x))
+            with torch.no_grad():
+                res[name]['compile_diff'] = (compiled(x[:2]) - models[name].eval()(x[:2])).abs().max().item()
+
+    stock = res[STOCK]
+    fmt = lambda r, k, scale=1e3: f'{r[k] * scale:.0f}' if k in r else '-'  # noqa: E731
+    rows = [[name, f"{r['macs'] / 1e9:.2f}", f"{r['fp32'] * 1e3:.0f} ({r['fp32'] / stock['fp32']:.2f}x)",
+             fmt(r, 'cl'), fmt(r, 'bf16'), fmt(r, 'compiled'), f"{r['fp32_mem'] / MiB:.0f}",
+             f"{r['train'] * 1e3:.0f} ({r['train'] / stock['train']:.2f}x)", f"{r['train_mem'] / MiB:.0f}"]
+            for name, r in res.items()]
+    print_table(['model', 'GMACs/img', 'infer fp32 ms (vs stock)', 'infer channels_last ms', 'infer bf16 ms',
+                 'infer compiled ms', 'infer peak MiB', 'train step ms (vs stock)', 'train peak MiB'], rows)
+
+    o, p, red = res[OURS], res[PLAIN], res[REDUCED]
+    mac_ratio, time_ratio = o['macs'] / stock['macs'], o['fp32'] / stock['fp32']
+    checks = [
+        ('nlp_headfix2_1222 / stock inference time', f'{time_ratio:.2f}x',
+         f'<= 1.10 x MAC ratio {mac_ratio:.2f} = {1.1 * mac_ratio:.2f}x', time_ratio <= 1.1 * mac_ratio),
+        ('nlp_headfix2_nowin_reduced_1222 / stock inference time', f"{red['fp32'] / stock['fp32']:.2f}x",
+         f"<= 1.30x (MAC ratio {red['macs'] / stock['macs']:.2f})", red['fp32'] / stock['fp32'] <= 1.3),
+        ('plain / ours training step time', f"{p['train'] / o['train']:.2f}x", '>= 2.00x',
+         p['train'] / o['train'] >= 2.0),
+        ('plain / stock inference time (the paper-style formulation)', f"{p['fp32'] / stock['fp32']:.2f}x", '-',
+         None),
+        ('plain / ours inference peak memory', f"{p['fp32_mem'] / o['fp32_mem']:.2f}x", '-', None),
+        ('plain / ours training peak memory', f"{p['train_mem'] / o['train_mem']:.2f}x", '-', None),
+        ('max |ours - plain| logits (randomised BN)', f'{diff:.2e}', '<= 1e-4', diff <= 1e-4),
+    ]
+    for name in (OURS, REDUCED):
+        if 'compile_diff' in res[name]:
+            checks.append((f'max |compiled - eager| logits, {name}', f"{res[name]['compile_diff']:.2e}", '<= 1e-4',
+                           res[name]['compile_diff'] <= 1e-4))
+    print('\n# targets (CPU, fp32, ratios measured in this run)\n')
+    print_table(['check', 'value', 'target', 'result'],
+                [[c, v, t, '-' if ok is None else ('PASS' if ok else 'FAIL')] for c, v, t, ok in checks])
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,61 @@
+"""ONNX (onnxruntime) and torch.compile parity, one model of each pooling family."""
+import pytest
+import torch
+from torch import nn
+
+import timm_nlp
+from timm_nlp.export import export_onnx
+from timm_nlp.grammar import POOL_METHODS
+from timm_nlp.layers import create_pool2d
+
+FAMILY_MODELS = [
+    'resnet18_skip_4222', 'resnet18_maxp_2222', 'resnetv2_18_avgp_2222', 'resnet18_lip_2222',
+    'mobilenetv2_gaussian_pool_2222121', 'resnet18_nlp_headfix2_2222', 'resnet18_nlp_headfix2_nowin_reduced_1222',
+    'resnet18_dfmnlp_2222', 'resnetv2_18_mixp_2222', 'mobilenetv2_dfmixp_2222121', 'dyresnet18_lip_2222',
+    'prepool-lip-8-resnet18-skip-1222',
+]
+
+
+def _model(name):
+    torch.manual_seed(0)
+    model = timm_nlp.create_model(name).eval()
+    with torch.no_grad():  # random BN statistics and offsets, so every branch matters
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+            if type(m).__name__ == 'DeformConv2d':
+                m.offset.weight.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize('name', FAMILY_MODELS)
+def test_onnx_matches_pytorch(name, tmp_path):
+    diff = export_onnx(_model(name), str(tmp_path / 'model.onnx'), (3, 48, 48), batch_size=2)
+    assert diff is not None and diff <= 1e-4, f'{name}: onnxruntime differs by {diff}'
+
+
+def test_onnx_opset_floor(tmp_path):
+    with pytest.raises(ValueError, match='opset 13 is too old'):
+        export_onnx(_model('resnet18_lip_2222'), str(tmp_path / 'm.onnx'), opset=13)
+
+
+def _compiled_matches(model, x):
+    torch._dynamo.reset()  # a fresh cache: never a silent eager fallback after the recompile limit
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: no graph breaks either
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('pool', POOL_METHODS)
+def test_torch_compile_matches_eager_per_family(pool):
+    """A small pooled network per family (inductor compiles a full ResNet in tens of seconds on 2 cores)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          create_pool2d(pool, 16, 2, reduction=16), nn.Conv2d(16, 8, 1)).eval()
+    _compiled_matches(model, torch.randn(2, 3, 24, 24))
+
+
+@pytest.mark.parametrize('name', ['resnet18_nlp_headfix2_2222', 'dyresnetv2_18_dfmixp_2222'])
+def test_torch_compile_matches_eager_full_model(name):
+    _compiled_matches(_model(name), torch.randn(2, 3, 48, 48))
