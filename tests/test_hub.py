@@ -212,10 +212,16 @@ print('fc kept', sd['fc.weight'].shape[0])
 
 
 def test_register_pretrained_at_runtime():
-    with pytest.raises(ValueError, match="unknown model 'vit_base'"):
-        timm_nlp.models.register_pretrained(dict(model='vit_base', tag='x', hf_hub_id='a/b'))
-    timm_nlp.models.register_pretrained(dict(model='resnet18_maxp_4222', tag='demo', hf_hub_id='org/demo',
-                                             num_classes=7))
-    assert 'resnet18_maxp_4222.demo' in timm.list_pretrained('resnet18_maxp_4222*')
-    cfg = timm.models.get_pretrained_cfg('resnet18_maxp_4222.demo')
-    assert cfg.hf_hub_id == 'org/demo' and cfg.num_classes == 7 and cfg.pool_size == (2, 2)
+    """In a subprocess: a registered tag becomes the model's default pretrained cfg, as in timm."""
+    code = '''
+import pytest, timm, timm_nlp
+with pytest.raises(ValueError, match="unknown model 'vit_base'"):
+    timm_nlp.models.register_pretrained(dict(model='vit_base', tag='x', hf_hub_id='a/b'))
+timm_nlp.models.register_pretrained(dict(model='resnet18_maxp_4222', tag='demo', hf_hub_id='org/demo', num_classes=7))
+assert 'resnet18_maxp_4222.demo' in timm.list_pretrained('resnet18_maxp_4222*')
+cfg = timm.models.get_pretrained_cfg('resnet18_maxp_4222.demo')
+assert cfg.hf_hub_id == 'org/demo' and cfg.num_classes == 7 and cfg.pool_size == (2, 2)
+print('ok')
+'''
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.strip() == 'ok', proc.stderr[-2000:]

@@ -17,13 +17,10 @@ import timm
 import timm_nlp  # noqa: F401  registers the models
 
 SUITE_MODELS = [
-    'resnet18_nlp_headfix2_2222', 'resnet18_gaussian_pool_4222', 'resnet18_pooled',
-    'resnet50_lip_2222', 'resnet50_mixp_4222',
-    'resnetv2_18_dfmnlp_4222', 'resnetv2_18_maxp_2222',
-    'resnetv2_50_avgp_4222', 'resnetv2_50_nlp_headfix2_nowin_reduced_1222',
-    'mobilenetv2_nlp_4222121', 'mobilenetv2_dfmixp_2222121', 'MOBILENET-SKIP-1222121',
-    'dyresnet18-dfmnlp_reduced-1222', 'dymobilenetv2_lip_2222121', 'dyresnetv2_50_skip_4222',
-    'prepool-lip-8-resnet18-skip-1222', 'prepool-maxp-4-resnet50-skip-1222',
+    'resnet18_nlp_headfix2_2222', 'resnet18_gaussian_pool_4222', 'resnet50_lip_2222', 'resnet50_mixp_4222',
+    'resnetv2_18_dfmnlp_4222', 'resnetv2_18_maxp_2222', 'resnetv2_50_avgp_4222',
+    'resnetv2_50_nlp_headfix2_nowin_reduced_1222', 'mobilenetv2_dfmixp_2222121', 'MOBILENET-SKIP-1222121',
+    'dyresnet18-dfmnlp_reduced-1222', 'dymobilenetv2_lip_2222121', 'prepool-lip-8-resnet18-skip-1222',
 ]
 HERE = Path(__file__).parent
 

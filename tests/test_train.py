@@ -82,12 +82,11 @@ def test_interrupt_and_resume(tmp_path):
     """Kill after the first epoch's checkpoint, rerun: it resumes at epoch 1 and ends after the same 2 epochs.
 
     Tolerance: epochs are seeded (seed + epoch) and the optimizer, scheduler and BN state are restored, so the
-    resumed run must match an uninterrupted one to 1e-6 in every logged metric, and so must a second
-    uninterrupted run with the same seed.
+    resumed run must match an uninterrupted one to 1e-6 in every logged metric. Its first epoch ran in the
+    killed process, a second run with the same seed, so that equality also shows the runs are reproducible.
     """
     args = ['train', '--model', 'resnet18_lip_2222', '--epochs', '2', *FAST]
     ref = _summary(_run_to(tmp_path / 'ref', args))
-    again = _summary(_run_to(tmp_path / 'again', args))
     out = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, '-m', 'timm_nlp.cli', *args, '--output', str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -100,10 +99,9 @@ def test_interrupt_and_resume(tmp_path):
     assert done == [0] and re.search(r'Resumed from .*last.safetensors. at epoch 1 of 2', rerun.stderr)
     resumed = _summary(out)
     assert [int(r['epoch']) for r in resumed] == [0, 1]
-    for rows in (resumed, again):
-        for r, r_ref in zip(rows, ref):
-            for key in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5'):
-                assert abs(float(r[key]) - float(r_ref[key])) <= 1e-6 * max(1., abs(float(r_ref[key]))), key
+    for r, r_ref in zip(resumed, ref):
+        for key in ('train_loss', 'eval_loss', 'eval_top1', 'eval_top5'):
+            assert abs(float(r[key]) - float(r_ref[key])) <= 1e-6 * max(1., abs(float(r_ref[key]))), key
 
 
 def _run_to(out: Path, args):
@@ -195,7 +193,7 @@ def _image_folder(root: Path, classes=3, per_class=6, size=24, empty_class=False
 
 @pytest.mark.parametrize('args,pattern', [
     (['--data-dir', 'does/not/exist'], r"Data dir 'does/not/exist' does not exist"),
-    (['--model', 'resnet18_nlp_9999'], r"Unknown model 'resnet18_nlp_9999'.*Invalid stride digits '9999'"),
+    (['--model', 'resnet18_nlp_12345'], r"Unknown model 'resnet18_nlp_12345'.*Invalid stride digits '12345'"),
     (['--model', 'resnet18-blur-1222'], r"Unknown pooling method 'blur'.*Valid methods"),
     (['--model', 'vit_nlp_1222'], r"Unknown model 'vit_nlp_1222'"),
 ])

@@ -76,6 +76,10 @@ class WeightedPool2d(nn.Module):
         self.win_norm = win_norm
         self.lip = LocalImportance(channels, **dd) if local else None
         self.nlp = SelfAttentiveImportance(channels, **non_local, **dd) if non_local is not None else None
+        # the weight is constant inside every window (a non-local-only, un-normalised pool whose patch size is a
+        # multiple of the stride), so avgpool(x * w) = avgpool(x) * w at the windows
+        self.weights_after_pooling = self.lip is None and self.nlp is not None and not win_norm and \
+            self.nlp.patch_size % stride == 0
 
     def logit(self, x: torch.Tensor) -> torch.Tensor:
         """Importance logit in (0, 1), same shape as ``x``."""
@@ -86,20 +90,12 @@ class WeightedPool2d(nn.Module):
         assert self.nlp is not None
         return self.nlp(x)
 
-    @property
-    def weights_after_pooling(self) -> bool:
-        """True when the weight is constant inside every window (a non-local-only, un-normalised pool whose
-        patch size is a multiple of the stride): then ``avgpool(x * w) = avgpool(x) * w`` at the windows."""
-        return self.lip is None and self.nlp is not None and not self.win_norm and \
-            self.nlp.patch_size % self.stride == 0
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 'WeightedPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
         s = self.stride
-        if self.weights_after_pooling:
-            assert self.nlp is not None
+        if self.weights_after_pooling and self.nlp is not None:
             # no full-resolution weight map is formed
             return F.avg_pool2d(x, s, s, ceil_mode=True) * self.nlp(x, s).exp()
         return weighted_pool2d(x, self.logit(x).exp(), s, self.win_norm)
