@@ -21,7 +21,18 @@ from ._registry import register_family
 __all__ = ['PooledResNetV2', 'PreActBasicPool', 'PreActBottleneckPool']
 
 
-class PreActBasicPool(PreActBasic):
+class _PoolSeam:
+    """The common pre-activation and shortcut of the pre-activation blocks with an ``aa`` seam below."""
+
+    def _preact(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        x_preact = self.norm1(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = self.downsample(x_preact)
+        return x_preact, shortcut
+
+
+class PreActBasicPool(_PoolSeam, PreActBasic):
     """``PreActBasic`` with a down-sampling layer ``aa`` between ``norm2`` and ``conv2``."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -29,16 +40,12 @@ class PreActBasicPool(PreActBasic):
         self.aa = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_preact = self.norm1(x)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(x_preact)
-        x = self.conv1(x_preact)
-        x = self.conv2(self.aa(self.norm2(x)))
+        x_preact, shortcut = self._preact(x)
+        x = self.conv2(self.aa(self.norm2(self.conv1(x_preact))))
         return self.drop_path(x) + shortcut
 
 
-class PreActBottleneckPool(PreActBottleneck):
+class PreActBottleneckPool(_PoolSeam, PreActBottleneck):
     """``PreActBottleneck`` with a down-sampling layer ``aa`` between ``norm3`` and ``conv3``."""
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -46,12 +53,8 @@ class PreActBottleneckPool(PreActBottleneck):
         self.aa = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_preact = self.norm1(x)
-        shortcut = x
-        if self.downsample is not None:
-            shortcut = self.downsample(x_preact)
-        x = self.conv1(x_preact)
-        x = self.conv2(self.norm2(x))
+        x_preact, shortcut = self._preact(x)
+        x = self.conv2(self.norm2(self.conv1(x_preact)))
         x = self.conv3(self.aa(self.norm3(x)))
         return self.drop_path(x) + shortcut
 
