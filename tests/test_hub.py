@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import timm_nlp
 from timm_nlp.checkpoint import CheckpointError, load_weights, save_weights
-from timm_nlp.hub import export_for_hub
 
 REPO = Path(__file__).resolve().parent.parent
 ARCH = 'resnet18_lip_2222'

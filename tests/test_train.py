@@ -16,8 +16,7 @@ import torch
 import yaml
 from PIL import Image
 
-import timm_nlp
-from timm_nlp.checkpoint import load_training_checkpoint, load_weights
+from timm_nlp.checkpoint import load_training_checkpoint
 from timm_nlp.tools.stl10 import convert_stl10
 
 REPO = Path(__file__).resolve().parent.parent

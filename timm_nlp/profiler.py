@@ -90,7 +90,8 @@ def activation_profile(
     plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
     A pooling layer (WeightedPool2d, GaussianPool2d) is also one step, whose live memory adds the importance
     map it weights with (input-sized, or output-sized where it is applied after pooling); while its internal
-    steps run, its own input stays live (it is weighted at the end) and is counted as held. Tensors held across other steps (residual shortcuts) are not counted.
+    steps run, its own input stays live (it is weighted at the end) and is counted as held. Tensors held
+    across other steps (residual shortcuts) are not counted.
     """
     from timm_nlp.layers import GaussianPool2d, WeightedPool2d
     meta = copy.deepcopy(model).to(device='meta', dtype=dtype).eval()
