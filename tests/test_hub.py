@@ -112,6 +112,12 @@ for name in sys.argv[2:]:
     with torch.no_grad():
         assert torch.equal(model(x), ref_model(x)), name
     print('loaded', name, model.pretrained_cfg.get('hf_hub_id'), tuple(model.pretrained_cfg['input_size']))
+    # another class count: the head is reset as timm does, every other tensor loads
+    model = timm.create_model(name, pretrained=True, num_classes=5)
+    sd = model.state_dict()
+    assert sd['fc.weight'].shape == (5, 512)
+    assert all(torch.equal(sd[k], ref[k]) for k in ref if not k.startswith('fc.')), name
+    print('head reset', name)
 '''
 
 
@@ -135,6 +141,7 @@ def test_round_trip_through_offline_hub_cache(exported, tmp_path):
                     'hf-hub:test-org/digits-lip', manifest=manifest)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('loaded') == 2 and 'test-org/digits-lip (3, 28, 28)' in proc.stdout
+    assert proc.stdout.count('head reset') == 2
 
 
 def test_error_paths(exported, tmp_path):
