@@ -59,18 +59,23 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
     return statistics.median(times)
 
 
-def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int = 5) -> Dict[str, float]:
-    """Median seconds per call of each function, measured in alternating rounds so that machine drift
+def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int = 5) -> Dict[str, List[float]]:
+    """Seconds per call of each function in each of ``repeats`` alternating rounds, so that machine drift
     (frequency, other load) affects every function alike and their ratios stay meaningful."""
     for fn in fns.values():
         fn()
-    times = {k: [] for k in fns}
+    times: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def round_ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
+    """Median over the rounds of ``times[num] / times[den]``, each pair timed back to back in one round."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
 def print_table(header: Sequence[str], rows: List[Sequence[object]]) -> None:

@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 from reference import PlainNlpPool, window_pool
 from timm_nlp.grammar import POOL_METHODS, PoolSpec
-from timm_nlp.layers import GaussianPool2d, WeightedPool2d, create_pool2d, nlp_defaults
+from timm_nlp.layers import GaussianPool2d, WeightedPool2d, create_pool2d, nlp_defaults, window_avg_pool2d
 
 SIZES = list(range(1, 10)) + [31, 32, 33, 56, 57]
 WIN_NORM = ['lip', 'nlp', 'nlp_headfix2', 'nlp_reduced', 'dfmnlp', 'dfmnlp_reduced', 'mixp', 'dfmixp_headfix2_reduced']
@@ -139,6 +139,40 @@ def test_window_pool_reference_is_plain_average():
     x = torch.randn(2, 3, 7, 5)
     torch.testing.assert_close(window_pool(x, torch.ones_like(x), 3, True), F.avg_pool2d(x, 3, 3, ceil_mode=True))
     torch.testing.assert_close(window_pool(x, torch.ones_like(x), 3, False), F.avg_pool2d(x, 3, 3, ceil_mode=True))
+
+
+@pytest.mark.parametrize('shape,stride,layout,fast', [
+    ((2, 3, 8, 6), 2, 'nchw', True),  # the strided-addition path
+    ((2, 3, 7, 6), 2, 'nchw', False),  # odd height: ceil-mode windows through F.avg_pool2d
+    ((2, 3, 8, 6), 2, 'channels_last', False),
+    ((2, 3, 8, 6), 2, 'sliced', False),  # a non-contiguous view
+    ((2, 3, 9, 7), 3, 'nchw', False),
+])
+def test_window_avg_pool_matches_plain_average(shape, stride, layout, fast):
+    torch.manual_seed(0)
+    base = torch.randn(shape[0], shape[1] * 2, *shape[2:], dtype=torch.float64)
+    x = base[:, ::2] if layout == 'sliced' else base[:, :shape[1]].contiguous()
+    if layout == 'channels_last':
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.detach().requires_grad_()
+    ref_x = x.detach().clone().requires_grad_()
+    y, ref = window_avg_pool2d(x, stride), window_pool(ref_x, torch.ones_like(ref_x), stride, False)
+    assert (y.grad_fn.name() != 'AvgPool2DBackward0') == fast
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    y.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize('train', [False, True])
+def test_nlp_logit_keeps_input_memory_format(layout, train):
+    # a channels-last importance map times an NCHW activation runs a slow strided kernel, and vice versa
+    m = create_pool2d('nlp_headfix2_reduced', 16, 2, reduction=8).train(train)
+    x = torch.randn(2, 16, 16, 16).contiguous(memory_format=layout)
+    with torch.no_grad():
+        assert m.nlp(x).is_contiguous(memory_format=layout)
 
 
 def test_gaussian_pool_eval_deterministic_train_stochastic():

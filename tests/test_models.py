@@ -8,7 +8,7 @@ from torch import nn
 
 import timm_nlp
 from timm_nlp.grammar import ArchSpec
-from timm_nlp.layers import DynamicConv2d, WeightedPool2d, convert_dynamic_conv
+from timm_nlp.layers import DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv
 from timm_nlp.models import PAPER_EXAMPLES, adapt_stock_state_dict, list_pooled_models, load_stock_weights
 
 FAMILIES = {'resnet': 'resnet', 'resnetv2': 'resnetv2', 'mobilenetv2': 'efficientnet'}
@@ -218,7 +218,7 @@ def test_prepool_replaces_the_stem_downsampling():
     with torch.no_grad():
         assert model.bn1(model.conv_stem(torch.randn(1, 3, 30, 30))).shape[-2:] == (8, 8)
     model = timm_nlp.create_model('prepool-avgp-2-resnet50_v2-skip-1222')
-    assert model.stem.conv.stride == (1, 1) and isinstance(model.stem.pool, nn.AvgPool2d)
+    assert model.stem.conv.stride == (1, 1) and isinstance(model.stem.pool, WindowAvgPool2d)
 
 
 def test_pooling_placement_and_strides():

@@ -6,6 +6,7 @@ from torch import nn
 from timm_nlp.grammar import PoolSpec
 from .gaussian_pool import GaussianPool2d
 from .weighted_pool import WeightedPool2d
+from .window_pool import WindowAvgPool2d
 
 __all__ = ['create_pool2d', 'nlp_defaults']
 
@@ -64,7 +65,7 @@ def create_pool2d(
     if spec.method == 'maxp':
         return nn.MaxPool2d(stride, stride, ceil_mode=True)
     if spec.method == 'avgp':
-        return nn.AvgPool2d(stride, stride, ceil_mode=True)
+        return WindowAvgPool2d(stride)
     if spec.method == 'gaussian_pool':
         return GaussianPool2d(channels, stride, **dd)
     if spec.method == 'lip':

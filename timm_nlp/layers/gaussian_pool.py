@@ -5,6 +5,8 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .window_pool import window_avg_pool2d
+
 __all__ = ['GaussianPool2d']
 
 
@@ -31,8 +33,8 @@ class GaussianPool2d(nn.Module):
             raise ValueError(
                 'GaussianPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
         s = self.stride
-        mean = F.avg_pool2d(x, s, s, ceil_mode=True)
-        var = F.avg_pool2d(x * x, s, s, ceil_mode=True) - mean * mean
+        mean = window_avg_pool2d(x, s)
+        var = window_avg_pool2d(x * x, s) - mean * mean
         std = (var.clamp(min=0) + self.eps).sqrt()
         g = x.mean((2, 3), keepdim=True)
         eta = self.mu(g)

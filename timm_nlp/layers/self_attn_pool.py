@@ -136,6 +136,9 @@ class SelfAttentiveImportance(nn.Module):
         t = t + self._pos_embed((Hp, Wp))
         t = self.attn(t.flatten(2).transpose(1, 2))
         t = t.transpose(1, 2).reshape(B, self.embed_dim, Hp, Wp)
+        if x.is_contiguous():
+            # the reshape is channels-last strided: the restored map (and its product with x) would be too
+            t = t.contiguous()
         if self.training:
             # BN batch statistics are defined over the full-resolution map: restore after up-sampling
             logit = self.restore_norm(self.restore(self._upsample(t, (H, W), p))).sigmoid()

@@ -9,21 +9,21 @@ from typing import Any, Dict, Optional, Type
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
 from .self_attn_pool import SelfAttentiveImportance
+from .window_pool import window_avg_pool2d
 
 __all__ = ['weighted_pool2d', 'LocalImportance', 'WeightedPool2d']
 
 
 def weighted_pool2d(x: torch.Tensor, weight: torch.Tensor, stride: int, win_norm: bool = True) -> torch.Tensor:
     """Pool ``x`` over ``stride x stride`` windows with positive weights of the same shape."""
-    num = F.avg_pool2d(x * weight, stride, stride, ceil_mode=True)
+    num = window_avg_pool2d(x * weight, stride)
     if not win_norm:
         return num
-    return num / F.avg_pool2d(weight, stride, stride, ceil_mode=True)
+    return num / window_avg_pool2d(weight, stride)
 
 
 class LocalImportance(nn.Module):
@@ -97,7 +97,7 @@ class WeightedPool2d(nn.Module):
         s = self.stride
         if self.weights_after_pooling and self.nlp is not None:
             # no full-resolution weight map is formed
-            return F.avg_pool2d(x, s, s, ceil_mode=True) * self.nlp(x, s).exp()
+            return window_avg_pool2d(x, s) * self.nlp(x, s).exp()
         return weighted_pool2d(x, self.logit(x).exp(), s, self.win_norm)
 
     def extra_repr(self) -> str:
