@@ -35,6 +35,23 @@ def test_onnx_matches_pytorch(name, tmp_path):
     assert diff is not None and diff <= 1e-4, f'{name}: onnxruntime differs by {diff}'
 
 
+def _batch_dim(path):
+    import onnx
+    dim = onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_param or dim.dim_value
+
+
+def test_onnx_batch_axis(tmp_path):
+    # dynamic by default (the check above ran batch 2 and 3); a dynamic-conv model then exports its
+    # batch-agnostic form, the fixed-batch export keeps the grouped form and says its batch in the graph
+    model, path = _model('dyresnet18_lip_2222'), str(tmp_path / 'model.onnx')
+    assert export_onnx(model, path, (3, 32, 32), batch_size=1) <= 1e-4
+    assert _batch_dim(path) == 'batch'
+    assert not any(getattr(m, 'batch_agnostic', False) for m in model.modules())  # restored after export
+    assert export_onnx(model, path, (3, 32, 32), batch_size=2, dynamic_batch=False) <= 1e-4
+    assert _batch_dim(path) == 2
+
+
 def test_onnx_opset_floor(tmp_path):
     with pytest.raises(ValueError, match='opset 13 is too old'):
         export_onnx(_model('resnet18_lip_2222'), str(tmp_path / 'm.onnx'), opset=13)

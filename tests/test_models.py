@@ -133,6 +133,22 @@ def test_dynamic_conv_mixes_kernels_per_sample():
     assert (hot.attention(x) - 1 / 3).abs().max() < (attn - 1 / 3).abs().max()
 
 
+@pytest.mark.parametrize('groups,bias,stride', [(1, True, 1), (2, False, 2), (4, True, 1)])
+def test_dynamic_conv_batch_agnostic_form_is_the_same_function(groups, bias, stride):
+    torch.manual_seed(0)
+    dyn = DynamicConv2d(8, 12, 3, stride, 1, groups=groups, bias=bias, num_kernels=3, temperature=1.).double()
+    x = torch.randn(3, 8, 9, 10, dtype=torch.float64, requires_grad=True)
+    g = None
+    results = []
+    for agnostic in (False, True):  # grouped over the batch, then all K kernels in one conv
+        dyn.batch_agnostic = agnostic
+        y = dyn(x)
+        g = torch.randn_like(y) if g is None else g
+        results.append((y, *torch.autograd.grad(y, (x, *dyn.parameters()), g)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_dynamic_variant_converts_every_1x1_and_3x3_conv():
     stock = timm.create_model('resnet18')
     n_convs = sum(1 for m in stock.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] in (1, 3))

@@ -3,14 +3,20 @@
 ``torch.compile(model)`` needs nothing from this package: every layer compiles as is (tested for each
 pooling family). ONNX needs one addition: torchvision's ``deform_conv2d`` (dfmnlp, dfmixp) has no ONNX
 symbolic, so it is mapped to the ONNX ``DeformConv`` operator (opset 19), which onnxruntime implements.
-Dynamic-convolution models fold the batch into conv groups, so they export for a fixed batch size.
+The batch axis is dynamic by default. Dynamic convolutions fold the batch into conv groups, which an ONNX graph
+cannot take from its input, so with a dynamic batch they export in their batch-agnostic form (all K kernels in
+one convolution, outputs mixed: K times the MACs); ``dynamic_batch=False`` keeps the grouped form at 1x MACs
+for one fixed batch size.
 """
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.onnx import symbolic_helper
+
+from timm_nlp.layers import DynamicConv2d
 
 __all__ = ['register_onnx_symbolics', 'export_onnx', 'DEFAULT_OPSET']
 
@@ -35,6 +41,18 @@ def register_onnx_symbolics() -> None:
         _REGISTERED = True
 
 
+@contextlib.contextmanager
+def _batch_agnostic(model: nn.Module, enabled: bool) -> Iterator[None]:
+    layers = [m for m in model.modules() if isinstance(m, DynamicConv2d)] if enabled else []
+    for m in layers:
+        m.batch_agnostic = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.batch_agnostic = False
+
+
 def export_onnx(
         model: nn.Module,
         path: str,
@@ -42,21 +60,32 @@ def export_onnx(
         batch_size: int = 1,
         opset: int = DEFAULT_OPSET,
         check: bool = True,
+        dynamic_batch: bool = True,
 ) -> Optional[float]:
-    """Export ``model`` (in eval mode) to ONNX; with ``check``, run it in onnxruntime on a random input and
-    return the largest absolute difference from PyTorch's output."""
+    """Export ``model`` (in eval mode) to ONNX, traced at ``batch_size``, with a dynamic batch axis unless
+    ``dynamic_batch`` is False. With ``check``, run it in onnxruntime on random inputs (batch ``batch_size``, and
+    ``batch_size + 1`` for a dynamic batch) and return the largest absolute difference from PyTorch's output."""
     if opset < 17:
         raise ValueError(f'opset {opset} is too old: use 17 or newer (19 for the deformable poolings).')
     register_onnx_symbolics()
     model = model.eval()
-    x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
-    torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['input'], output_names=['output'],
-                      dynamo=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *input_size, generator=gen)
+    axes = {'input': {0: 'batch'}, 'output': {0: 'batch'}} if dynamic_batch else None
+    with _batch_agnostic(model, dynamic_batch):
+        torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['input'], output_names=['output'],
+                          dynamic_axes=axes, dynamo=False)
     if not check:
         return None
     import onnxruntime as ort
     session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-    out = session.run(None, {'input': x.numpy()})[0]
-    with torch.no_grad():
-        ref = model(x).numpy()
-    return float(np.abs(out - ref).max())
+    diff = 0.
+    for batch in (batch_size, batch_size + 1) if dynamic_batch else (batch_size,):
+        xb = x if batch == batch_size else torch.randn(batch, *input_size, generator=gen)
+        out = session.run(None, {'input': xb.numpy()})[0]
+        with torch.no_grad():
+            ref = model(xb).numpy()
+        if out.shape != ref.shape:
+            raise RuntimeError(f'ONNX output shape {out.shape} differs from PyTorch {ref.shape} at batch {batch}.')
+        diff = max(diff, float(np.abs(out - ref).max()))
+    return diff

@@ -15,8 +15,11 @@ __all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature']
 class DynamicConv2d(nn.Module):
     """Convolution whose kernel is ``sum_k pi_k(x) W_k``, ``pi = softmax(fc2(relu(fc1(GAP(x)))) / temperature)``.
 
-    The per-sample kernels run as one grouped convolution over the batch. The temperature is a buffer, so an
-    annealed value travels with the checkpoint; the paper anneals it from 30 to 1 over the first epochs.
+    The per-sample kernels run as one grouped convolution over the batch. With ``batch_agnostic`` set (ONNX
+    export with a dynamic batch, whose graph cannot take the batch as a group count), the layer instead runs all
+    K kernels as one convolution and mixes the K outputs, the same function at K times the MACs. The
+    temperature is a buffer, so an annealed value travels with the checkpoint; the paper anneals it from 30 to
+    1 over the first epochs.
     """
 
     def __init__(
@@ -55,6 +58,7 @@ class DynamicConv2d(nn.Module):
             torch.empty(num_kernels, out_channels, in_channels // groups, kernel_size, kernel_size, **dd))
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **dd)) if bias else None
         self.register_buffer('temperature', torch.full((), float(temperature), **dd))
+        self.batch_agnostic = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -70,9 +74,20 @@ class DynamicConv2d(nn.Module):
         z = self.fc2(F.relu(self.fc1(x.mean((2, 3)))))
         return F.softmax(z / self.temperature, dim=1)
 
+    def _forward_batch_agnostic(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        K, G = self.num_kernels, self.groups
+        # output channels ordered (group, kernel, channel) so that each group's K kernels see that group's inputs
+        weight = self.weight.unflatten(1, (G, -1)).transpose(0, 1).flatten(0, 2)
+        bias = self.bias.unflatten(1, (G, -1)).transpose(0, 1).flatten() if self.bias is not None else None
+        out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, G)
+        out = out.unflatten(1, (G, K, -1)) * attn[:, None, :, None, None, None]
+        return out.sum(2).flatten(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         attn = self.attention(x)
+        if self.batch_agnostic:
+            return self._forward_batch_agnostic(x, attn)
         weight = (attn @ self.weight.flatten(1)).reshape(
             B * self.out_channels, self.in_channels // self.groups, self.kernel_size[0], self.kernel_size[1])
         bias: Optional[torch.Tensor] = None
