@@ -43,14 +43,14 @@ def register_onnx_symbolics() -> None:
 
 @contextlib.contextmanager
 def _batch_agnostic(model: nn.Module, enabled: bool) -> Iterator[None]:
-    layers = [m for m in model.modules() if isinstance(m, DynamicConv2d)] if enabled else []
-    for m in layers:
+    saved = {m: m.batch_agnostic for m in model.modules() if isinstance(m, DynamicConv2d)} if enabled else {}
+    for m in saved:
         m.batch_agnostic = True
     try:
         yield
     finally:
-        for m in layers:
-            m.batch_agnostic = False
+        for m, value in saved.items():
+            m.batch_agnostic = value
 
 
 def export_onnx(
