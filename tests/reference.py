@@ -17,13 +17,13 @@ def window_pool(x: torch.Tensor, w: torch.Tensor, s: int, win_norm: bool) -> tor
     B, C, H, W = x.shape
     Ho, Wo = -(-H // s), -(-W // s)
     pad = (0, Wo * s - W, 0, Ho * s - H)
-    valid = F.pad(torch.ones_like(x), pad)
-    xw, w = F.pad(x * w, pad), F.pad(w, pad)
 
     def win_sum(t):
+        if any(pad):
+            t = F.pad(t, pad)
         return t.reshape(B, C, Ho, s, Wo, s).sum((3, 5))
 
-    return win_sum(xw) / (win_sum(w) if win_norm else win_sum(valid))
+    return win_sum(x * w) / (win_sum(w) if win_norm else win_sum(torch.ones_like(x)))
 
 
 class PlainNlpPool(nn.Module):
@@ -50,7 +50,7 @@ class PlainNlpPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         p = self.p
-        xp = F.pad(x, (0, -W % p, 0, -H % p))
+        xp = F.pad(x, (0, -W % p, 0, -H % p)) if H % p or W % p else x
         t = self.embed(xp, self.offset(xp)) if self.offset is not None else self.embed(xp)
         t = F.relu(self.norm(t))
         Hp, Wp = t.shape[-2:]
@@ -58,7 +58,8 @@ class PlainNlpPool(nn.Module):
         seq = t.flatten(2).transpose(1, 2)
         out, _ = self.mha(seq, seq, seq)  # need_weights=True: the N x N map is materialised
         t = out.transpose(1, 2).reshape(B, -1, Hp, Wp)
-        t = t.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, :H, :W]
+        if p > 1:
+            t = t.repeat_interleave(p, 2).repeat_interleave(p, 3)[:, :, :H, :W]
         logit = torch.sigmoid(self.restore_norm(self.restore(t)))
         if self.lip is not None:
             logit = logit * torch.sigmoid(self.lip.norm(self.lip.conv(x)))
