@@ -140,9 +140,8 @@ class SelfAttentiveImportance(nn.Module):
             # the reshape is channels-last strided: the restored map (and its product with x) would be too
             t = t.contiguous()
         if self.training:
-            # BN batch statistics are defined over the full-resolution map, so BN follows the up-sampling; the
-            # conv1x1 is pointwise and commutes with it, so it runs on the token grid (p^2 fewer MACs)
-            logit = self.restore_norm(self._upsample(self.restore(t), (H, W), p)).sigmoid()
+            # BN batch statistics are defined over the full-resolution map: restore after up-sampling
+            logit = self.restore_norm(self.restore(self._upsample(t, (H, W), p))).sigmoid()
             return logit[:, :, ::stride, ::stride] if stride > 1 else logit
         # in eval conv1x1, BN and sigmoid are pointwise, so they commute with nearest up-sampling
         size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
