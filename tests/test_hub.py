@@ -144,6 +144,7 @@ def test_round_trip_through_offline_hub_cache(exported, tmp_path):
     assert proc.stdout.count('head reset') == 2
 
 
+@pytest.mark.slow
 def test_error_paths(exported, tmp_path):
     _, _, out = exported
     hf_home = tmp_path / 'hf'

@@ -32,6 +32,7 @@ def _expected_reductions(arch: ArchSpec):
     return [1 if arch.prepool is not None else 2] + list(arch.reductions[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('family', list(FAMILIES))
 def test_every_registered_name_builds_and_follows_its_strides(family):
     names = [n for n in list_pooled_models() if _family(n) == family]

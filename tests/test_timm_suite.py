@@ -44,6 +44,7 @@ def _timm_tests_dir() -> Path:
     return tests
 
 
+@pytest.mark.slow
 def test_timm_model_suite():
     tests = _timm_tests_dir()
     missing = [m for m in SUITE_MODELS if not timm.is_model(m)]

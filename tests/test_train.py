@@ -36,6 +36,7 @@ def _summary(out: Path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_digits_training_learns(tmp_path):
     out = tmp_path / 'run'
     _cli('train', '--model', 'resnet18_nlp_headfix2_2222', '--epochs', '3', '--output', out, *FAST)
@@ -54,6 +55,7 @@ def test_digits_training_learns(tmp_path):
         assert torch.equal(v, best['state_dict'][k])
 
 
+@pytest.mark.slow
 def test_compare_prints_the_table(tmp_path):
     proc = _cli('compare', '--models', 'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222', '--epochs',
                 '1', '--img-size', '16', '--output', tmp_path / 'cmp', '--no-progress')
@@ -77,6 +79,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.) -> None
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume(tmp_path):
     """Kill after the first epoch's checkpoint, rerun: it resumes at epoch 1 and ends after the same 2 epochs.
 
@@ -114,6 +117,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
