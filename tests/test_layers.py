@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 from reference import PlainNlpPool, window_pool
 from timm_nlp.grammar import POOL_METHODS, PoolSpec
-from timm_nlp.layers import GaussianPool2d, WeightedPool2d, create_pool2d, nlp_defaults, window_avg_pool2d
+from timm_nlp.layers import (
+    GaussianPool2d, WeightedPool2d, create_pool2d, nlp_defaults, scale_by_patches, window_avg_pool2d)
 
 SIZES = list(range(1, 10)) + [31, 32, 33, 56, 57]
 WIN_NORM = ['lip', 'nlp', 'nlp_headfix2', 'nlp_reduced', 'dfmnlp', 'dfmnlp_reduced', 'mixp', 'dfmixp_headfix2_reduced']
@@ -73,7 +74,9 @@ def _run(pool, module, x, cot):
 EQUIV_CASES = [
     ('nlp', (12, 12), 2, {}), ('nlp_headfix2', (13, 10), 2, {}), ('nlp_nowin', (12, 11), 2, {}),
     ('nlp_reduced', (16, 16), 4, dict(reduction=16)), ('nlp_reduced', (20, 13), 2, dict(patch_size=3)),
-    ('nlp_headfix2_nowin_reduced', (17, 24), 2, dict(reduction=8)), ('dfmnlp', (10, 12), 2, {}),
+    ('nlp_headfix2_nowin_reduced', (17, 24), 2, dict(reduction=8)),  # eval: per-patch weights up-sampled, cropped
+    ('nlp_headfix2_nowin_reduced', (16, 24), 2, dict(reduction=8)),  # eval: broadcast over whole patches
+    ('dfmnlp', (10, 12), 2, {}),
     ('dfmnlp_reduced', (18, 16), 2, dict(patch_size=3)), ('mixp', (12, 12), 2, {}), ('dfmixp_headfix2', (9, 11), 2, {}),
 ]
 
@@ -163,6 +166,25 @@ def test_window_avg_pool_matches_plain_average(shape, stride, layout, fast):
     y.backward(g)
     ref.backward(g)
     torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('size,factor', [((8, 12), 4), ((7, 12), 4), ((8, 11), 2), ((6, 6), 1), ((5, 3), 1)])
+@pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
+def test_scale_by_patches_matches_upsampled_product(size, factor, layout):
+    torch.manual_seed(0)
+    y = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+    w = torch.rand(2, 3, -(-size[0] // factor), -(-size[1] // factor), dtype=torch.float64).requires_grad_()
+    y_ref, w_ref = y.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    # the plain formula: every patch weight repeated factor x factor times, cropped to y
+    up = w_ref.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[:, :, :size[0], :size[1]]
+    out, ref = scale_by_patches(y, w, factor), y_ref * up
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert out.is_contiguous(memory_format=layout)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(y.grad, y_ref.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])

@@ -255,7 +255,8 @@ def test_pooling_placement_and_strides():
 def test_torchscript_and_fx_match_eager():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
-    for name in ('resnet18_mixp_2222', 'dymobilenetv2_dfmnlp_2222121', 'resnetv2_18_gaussian_pool_4222'):
+    for name in ('resnet18_mixp_2222', 'dymobilenetv2_dfmnlp_2222121', 'resnetv2_18_gaussian_pool_4222',
+                 'resnet18_nlp_headfix2_nowin_reduced_1222'):
         with timm.layers.set_layer_config(scriptable=True):
             model = timm.create_model(name).eval()
         feats = timm.models.FeatureGraphNet(model, out_indices=tuple(range(len(model.feature_info)))).eval()

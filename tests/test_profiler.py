@@ -42,20 +42,29 @@ def test_stock_resnet18_macs_and_model_is_untouched():
 def _independent_count(model, x):
     """Live bytes of every step of a real forward, counted with hooks independently of the profiler: a leaf
     module holds its input and output; a pooling layer holds its input, importance map (input-sized for the
-    weighted poolings) and output, and keeps its input alive while its own layers run."""
+    weighted poolings, except the per-patch map an un-normalised nlp pool applies after pooling, measured here
+    as the output of its last norm, plus an output-sized copy where it is up-sampled and cropped) and output,
+    and keeps its input alive while its own layers run."""
     from timm_nlp.layers import GaussianPool2d, WeightedPool2d
-    steps, held, hooks = [], [], []
+    steps, held, hooks, patch_maps = [], [], [], {}
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     for name, m in model.named_modules():
         if isinstance(m, (WeightedPool2d, GaussianPool2d)):
             hooks.append(m.register_forward_pre_hook(lambda m, i: held.append(nbytes(i[0]))))
+            if isinstance(m, WeightedPool2d) and m.nlp is not None:
+                hooks.append(m.nlp.restore_norm.register_forward_hook(
+                    lambda mod, i, o, name=name: patch_maps.__setitem__(name, o)))
 
             def pool_hook(m, i, o, name=name):
                 held.pop()
                 w = 0
-                if isinstance(m, WeightedPool2d):  # the weight map: output-sized when constant per window
+                if isinstance(m, WeightedPool2d):
+                    w = nbytes(i[0])
                     after = m.lip is None and not m.win_norm and m.nlp.patch_size % m.stride == 0
-                    w = nbytes(o) if after else nbytes(i[0])
+                    if after:  # one weight per patch, broadcast over the pooled windows of each patch
+                        t, f = patch_maps[name], m.nlp.patch_size // m.stride
+                        cropped = (t.shape[-2] * f, t.shape[-1] * f) != tuple(o.shape[-2:])
+                        w = nbytes(t) + (nbytes(o) if cropped else 0)
                 steps.append((name, nbytes(i[0]) + w + nbytes(o) + sum(held)))
             hooks.append(m.register_forward_hook(pool_hook))
         elif name and not list(m.children()):
@@ -68,13 +77,15 @@ def _independent_count(model, x):
     return steps
 
 
-@pytest.mark.parametrize('name', ['resnet18', 'mobilenetv2_100', 'resnet18_nlp_headfix2_2222',
-                                  'mobilenetv2_lip_4222121', 'resnet18_gaussian_pool_4222',
-                                  'resnet18_nlp_headfix2_nowin_reduced_2222'])
-def test_profile_equals_independent_count(name):
+@pytest.mark.parametrize('name,size', [
+    ('resnet18', 96), ('mobilenetv2_100', 96), ('resnet18_nlp_headfix2_2222', 96), ('mobilenetv2_lip_4222121', 96),
+    ('resnet18_gaussian_pool_4222', 96), ('resnet18_nlp_headfix2_nowin_reduced_2222', 96),
+    ('resnet18_nlp_headfix2_nowin_reduced_2222', 100),  # 25 x 25 maps: patches of 8 pad, the weights are cropped
+])
+def test_profile_equals_independent_count(name, size):
     model = timm.create_model(name)
-    steps = _independent_count(model, torch.randn(1, 3, 96, 96))
-    profile = activation_profile(model, (3, 96, 96))
+    steps = _independent_count(model, torch.randn(1, 3, size, size))
+    profile = activation_profile(model, (3, size, size))
     assert [(s.name, s.live_bytes) for s in profile.layers] == steps
     assert profile.peak_bytes == max(b for _, b in steps)
 

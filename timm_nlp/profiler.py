@@ -89,7 +89,7 @@ def activation_profile(
     A step is a leaf module (a conv, a norm, an activation, a linear layer...). Its live memory is its input
     plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
     A pooling layer (WeightedPool2d, GaussianPool2d) is also one step, whose live memory adds the importance
-    map it weights with (input-sized, or output-sized where it is applied after pooling); while its internal
+    map it weights with (input-sized, or one value per patch where it is applied after pooling); while its internal
     steps run, its own input stays live (it is weighted at the end) and is counted as held. Tensors held
     across other steps (residual shortcuts) are not counted.
     """
@@ -111,9 +111,16 @@ def activation_profile(
     def pool_hook(name):
         def hook(module, inputs, output):
             held.pop()
-            extra = 0  # the importance map w: input-sized, or output-sized when it is applied after pooling
+            extra = 0  # the importance map w: input-sized, or one value per patch when it is applied after pooling
             if isinstance(module, WeightedPool2d):
-                extra = _nbytes(output) if module.weights_after_pooling else _nbytes(inputs)
+                extra = _nbytes(inputs)
+                if module.weights_after_pooling:
+                    B, C, H, W = inputs[0].shape
+                    p, f = module.nlp.patch_size, module.nlp.patch_size // module.stride
+                    Hp, Wp = -(-H // p), -(-W // p)
+                    extra = B * C * Hp * Wp * output.element_size()
+                    if (Hp * f, Wp * f) != tuple(output.shape[-2:]):  # up-sampled and cropped to the output
+                        extra += _nbytes(output)
             layers.append(LayerMemory(name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
                                       _nbytes(output) + extra, sum(held)))
         return hook

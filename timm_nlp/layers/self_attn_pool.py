@@ -122,10 +122,8 @@ class SelfAttentiveImportance(nn.Module):
             t = F.interpolate(t, scale_factor=float(factor), mode='nearest')
         return t[:, :, :size[0], :size[1]]
 
-    def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
-        """The logit map of ``x``; with ``stride`` > 1 (a divisor of the patch size) only its value at every
-        ``stride``-th position, i.e. at each pooling window, where it is constant (the map is constant on
-        patches): the full-resolution map is never up-sampled in eval."""
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Steps 1-3 (embedding, position, attention): the attended tokens as a (B, D, Hp, Wp) map."""
         B, _, H, W = x.shape
         p = self.patch_size
         pad_h, pad_w = (p - H % p) % p, (p - W % p) % p
@@ -139,10 +137,22 @@ class SelfAttentiveImportance(nn.Module):
         if x.is_contiguous():
             # the reshape is channels-last strided: the restored map (and its product with x) would be too
             t = t.contiguous()
+        return t
+
+    def token_logit(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval only: the logit of every patch, (B, C, Hp, Wp); the map is this, nearest up-sampled by p and
+        cropped to H x W (conv1x1, BN in eval and sigmoid are pointwise, so they commute with the up-sampling)."""
+        return self.restore_norm(self.restore(self._attend(x))).sigmoid()
+
+    def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """The logit map of ``x``; with ``stride`` > 1 (a divisor of the patch size) only its value at every
+        ``stride``-th position, i.e. at each pooling window, where it is constant (the map is constant on
+        patches): the full-resolution map is never up-sampled in eval."""
+        H, W = x.shape[-2], x.shape[-1]
         if self.training:
             # BN batch statistics are defined over the full-resolution map: restore after up-sampling
-            logit = self.restore_norm(self.restore(self._upsample(t, (H, W), p))).sigmoid()
+            t = self._upsample(self._attend(x), (H, W), self.patch_size)
+            logit = self.restore_norm(self.restore(t)).sigmoid()
             return logit[:, :, ::stride, ::stride] if stride > 1 else logit
-        # in eval conv1x1, BN and sigmoid are pointwise, so they commute with nearest up-sampling
         size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
-        return self._upsample(self.restore_norm(self.restore(t)).sigmoid(), size, p // stride)
+        return self._upsample(self.token_logit(x), size, self.patch_size // stride)
