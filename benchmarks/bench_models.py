@@ -2,9 +2,10 @@
 
     python benchmarks/bench_models.py [--batch 8] [--img-size 224] [--threads 2] [--repeats 5] [--no-compile]
 
-Inference (eval, no grad) and a training step (forward, backward, SGD step) per model: fp32 and channels_last
-(timed in interleaved rounds; a ratio is the median over rounds of the two models' times within a round, so it
-shares the machine's state), bf16 autocast, torch.compile, and peak memory (see _bench.py), all in one run. The
+Inference (eval, no grad) and a training step (forward, backward, SGD step) per model, each in fp32 and
+channels_last (timed in interleaved rounds; a ratio is the median over rounds of the two models' times within a
+round, so it shares the machine's state), bf16 autocast and torch.compile, and peak memory (see _bench.py), all in
+one run. The
 ratios are checked against the issue's targets. The same backbone with a free pooling (resnet18_avgp_1222), the
 fused attention alone and this CPU's GEMM peak are timed too, to bound the training-step ratio (Amdahl).
 """
@@ -63,14 +64,16 @@ def infer_fn(model: nn.Module, x: torch.Tensor, bf16: bool = False):
     return run
 
 
-def train_fn(model: nn.Module, x: torch.Tensor):
+def train_fn(model: nn.Module, x: torch.Tensor, bf16: bool = False):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
 
     def run():
         model.train()
         opt.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), target).backward()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
         opt.step()
     return run
 
@@ -119,9 +122,10 @@ def main():
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     size = (3, args.img_size, args.img_size)
     print(f'# bench_models: batch {args.batch}, {args.img_size}x{args.img_size}; {env_line(args.threads)}')
-    print(f'# fp32 and channels_last: median of {args.repeats} interleaved rounds after 1 warm-up, (ratio) = median of '
-          'the per-round ratios to stock; other columns: median of 3 calls; peak: RSS above the pre-call level '
-          '(benchmarks/_bench.py); train step = forward + backward + SGD\n')
+    print(f'# fp32 and channels_last (inference and train step): median of {args.repeats} interleaved rounds after 1 '
+          'warm-up, (ratio) = median of the per-round ratios to stock; bf16: 1 call after 1 warm-up; compiled: median '
+          'of 3 calls after compiling; peak: RSS above the pre-call level (benchmarks/_bench.py); train step = '
+          'forward + backward + SGD\n')
 
     ours = randomize_norms(timm.create_model(OURS))
     models = {STOCK: timm.create_model('resnet18'), OURS: ours, PLAIN: plain_formulation(ours),
@@ -132,8 +136,9 @@ def main():
     timed = {'fp32': interleaved_times({n: infer_fn(m, x) for n, m in models.items()}, args.repeats),
              'train': interleaved_times({n: train_fn(m, x) for n, m in models.items()}, args.repeats)}
     cl_models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items() if n != PLAIN}
-    timed['cl'] = interleaved_times({n: infer_fn(m, x.to(memory_format=torch.channels_last))
-                                     for n, m in cl_models.items()}, args.repeats)
+    x_cl = x.to(memory_format=torch.channels_last)
+    timed['cl'] = interleaved_times({n: infer_fn(m, x_cl) for n, m in cl_models.items()}, args.repeats)
+    timed['train_cl'] = interleaved_times({n: train_fn(m, x_cl) for n, m in cl_models.items()}, args.repeats)
     for name, model in models.items():
         model.to(memory_format=torch.contiguous_format)
         r = res[name]
@@ -144,22 +149,28 @@ def main():
         r['train_mem'] = peak_memory(train_fn(model, x))
         if name != PLAIN:  # the reference formulation is timed in fp32 only
             r['bf16'] = median_time(infer_fn(model, x, bf16=True), repeats=1)
+            r['train_bf16'] = median_time(train_fn(copy.deepcopy(model), x, bf16=True), repeats=1)
     if not args.no_compile:  # last, so inductor's worker processes cannot disturb the eager timings
         for name in (STOCK, OURS, REDUCED):
             compiled = torch.compile(copy.deepcopy(models[name]).eval())
             res[name]['compiled'] = median_time(infer_fn(compiled, x))
             with torch.no_grad():
                 res[name]['compile_diff'] = (compiled(x[:2]) - models[name].eval()(x[:2])).abs().max().item()
+            res[name]['train_compiled'] = median_time(train_fn(torch.compile(copy.deepcopy(models[name])), x))
 
     stock = res[STOCK]
     fmt = lambda r, k, scale=1e3: f'{r[k] * scale:.0f}' if k in r else '-'  # noqa: E731
     timed_fmt = lambda r, k: f"{r[k] * 1e3:.0f} ({r[k + '_ratio']:.2f}x)" if k in r else '-'  # noqa: E731
     rows = [[name, f"{r['macs'] / 1e9:.2f}", timed_fmt(r, 'fp32'), timed_fmt(r, 'cl'), fmt(r, 'bf16'),
-             fmt(r, 'compiled'), f"{r['fp32_mem'] / MiB:.0f}", timed_fmt(r, 'train'), f"{r['train_mem'] / MiB:.0f}"]
+             fmt(r, 'compiled'), f"{r['fp32_mem'] / MiB:.0f}", timed_fmt(r, 'train'), timed_fmt(r, 'train_cl'),
+             fmt(r, 'train_bf16'), fmt(r, 'train_compiled'), f"{r['train_mem'] / MiB:.0f}"]
             for name, r in res.items()]
-    print_table(['model', 'GMACs/img', 'infer fp32 ms (vs stock)', 'infer channels_last ms (vs stock)',
-                 'infer bf16 ms', 'infer compiled ms', 'infer peak MiB', 'train step ms (vs stock)',
-                 'train peak MiB'], rows)
+    print('## inference (eval, no grad)\n')
+    print_table(['model', 'GMACs/img', 'fp32 ms (vs stock)', 'channels_last ms (vs stock)', 'bf16 ms',
+                 'compiled ms', 'fp32 peak MiB'], [r[:7] for r in rows])
+    print('\n## train step (forward + backward + SGD)\n')
+    print_table(['model', 'fp32 ms (vs stock)', 'channels_last ms (vs stock)', 'bf16 ms', 'compiled ms',
+                 'fp32 peak MiB'], [r[:1] + r[7:] for r in rows])
 
     o, p, red, bb = res[OURS], res[PLAIN], res[REDUCED], res[BACKBONE]
     mac_ratio, time_ratio = o['macs'] / stock['macs'], o['fp32_ratio']
