@@ -5,9 +5,9 @@
 Inference (eval, no grad) and a training step (forward, backward, SGD step) per model, each in fp32 and
 channels_last (timed in interleaved rounds; a ratio is the median over rounds of the two models' times within a
 round, so it shares the machine's state), bf16 autocast and torch.compile, and peak memory (see _bench.py), all in
-one run. The
-ratios are checked against the issue's targets. The same backbone with a free pooling (resnet18_avgp_1222), the
-fused attention alone and this CPU's GEMM peak are timed too, to bound the training-step ratio (Amdahl).
+one run. The ratios are checked against the issue's targets. The same backbone with a free pooling
+(resnet18_avgp_1222), the fused attention alone and this CPU's GEMM peak are timed too, to bound the training-step
+ratio (Amdahl).
 """
 import argparse
 import copy

@@ -15,12 +15,19 @@ from torchvision.ops import deform_conv2d
 
 from timm.layers import Attention, trunc_normal_
 
-__all__ = ['DeformConv2d', 'SelfAttentiveImportance', 'nlp_embed_dim']
+__all__ = ['DeformConv2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'upsample_patches']
 
 
 def nlp_embed_dim(channels: int, embed_ratio: float, num_heads: int) -> int:
     """Embedding width ``D = round(ratio * C / heads) * heads``, at least ``heads``."""
     return max(num_heads, int(round(embed_ratio * channels / num_heads)) * num_heads)
+
+
+def upsample_patches(t: torch.Tensor, size: Tuple[int, int], factor: int) -> torch.Tensor:
+    """Nearest up-sampling of a per-patch map by ``factor``, cropped to ``size``."""
+    if factor > 1:
+        t = F.interpolate(t, scale_factor=float(factor), mode='nearest')
+    return t[:, :, :size[0], :size[1]]
 
 
 class DeformConv2d(nn.Module):
@@ -117,11 +124,6 @@ class SelfAttentiveImportance(nn.Module):
             return self.pos_embed
         return F.interpolate(self.pos_embed, size=size, mode='bilinear', align_corners=False)
 
-    def _upsample(self, t: torch.Tensor, size: Tuple[int, int], factor: int) -> torch.Tensor:
-        if factor > 1:
-            t = F.interpolate(t, scale_factor=float(factor), mode='nearest')
-        return t[:, :, :size[0], :size[1]]
-
     def _attend(self, x: torch.Tensor) -> torch.Tensor:
         """Steps 1-3 (embedding, position, attention): the attended tokens as a (B, D, Hp, Wp) map."""
         B, _, H, W = x.shape
@@ -151,8 +153,8 @@ class SelfAttentiveImportance(nn.Module):
         H, W = x.shape[-2], x.shape[-1]
         if self.training:
             # BN batch statistics are defined over the full-resolution map: restore after up-sampling
-            t = self._upsample(self._attend(x), (H, W), self.patch_size)
+            t = upsample_patches(self._attend(x), (H, W), self.patch_size)
             logit = self.restore_norm(self.restore(t)).sigmoid()
             return logit[:, :, ::stride, ::stride] if stride > 1 else logit
         size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
-        return self._upsample(self.token_logit(x), size, self.patch_size // stride)
+        return upsample_patches(self.token_logit(x), size, self.patch_size // stride)

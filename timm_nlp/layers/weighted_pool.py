@@ -9,11 +9,10 @@ from typing import Any, Dict, Optional, Type
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
-from .self_attn_pool import SelfAttentiveImportance
+from .self_attn_pool import SelfAttentiveImportance, upsample_patches
 from .window_pool import window_avg_pool2d
 
 __all__ = ['scale_by_patches', 'weighted_pool2d', 'LocalImportance', 'WeightedPool2d']
@@ -25,9 +24,7 @@ def scale_by_patches(y: torch.Tensor, w: torch.Tensor, factor: int) -> torch.Ten
     B, C, H, W = y.shape
     Hp, Wp = w.shape[-2], w.shape[-1]
     if factor == 1 or H != Hp * factor or W != Wp * factor:
-        if factor > 1:
-            w = F.interpolate(w, scale_factor=float(factor), mode='nearest')
-        return y * w[:, :, :H, :W]
+        return y * upsample_patches(w, (H, W), factor)
     out = y.view(B, C, Hp, factor, Wp, factor) * w.view(B, C, Hp, 1, Wp, 1)
     return out.reshape(B, C, H, W)
 
@@ -111,9 +108,10 @@ class WeightedPool2d(nn.Module):
         s = self.stride
         if self.weights_after_pooling and self.nlp is not None:
             # no full-resolution weight map is formed; in eval not even an output-sized one
+            pooled = window_avg_pool2d(x, s)
             if self.training:
-                return window_avg_pool2d(x, s) * self.nlp(x, s).exp()
-            return scale_by_patches(window_avg_pool2d(x, s), self.nlp.token_logit(x).exp(), self.nlp.patch_size // s)
+                return pooled * self.nlp(x, s).exp()
+            return scale_by_patches(pooled, self.nlp.token_logit(x).exp(), self.nlp.patch_size // s)
         return weighted_pool2d(x, self.logit(x).exp(), s, self.win_norm)
 
     def extra_repr(self) -> str:
