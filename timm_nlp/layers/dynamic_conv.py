@@ -19,7 +19,8 @@ class DynamicConv2d(nn.Module):
     export with a dynamic batch, whose graph cannot take the batch as a group count), the layer instead runs all
     K kernels as one convolution and mixes the K outputs, the same function at K times the MACs. The
     temperature is a buffer, so an annealed value travels with the checkpoint; the paper anneals it from 30 to
-    1 over the first epochs.
+    1 over the first epochs. The K kernels are stored stacked along the output channels, ``(K * out, in / groups,
+    k, k)``: a 4-D weight like a convolution's, so ``model.to(memory_format=torch.channels_last)`` works.
     """
 
     def __init__(
@@ -55,18 +56,22 @@ class DynamicConv2d(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden, **dd)
         self.fc2 = nn.Linear(hidden, num_kernels, **dd)
         self.weight = nn.Parameter(
-            torch.empty(num_kernels, out_channels, in_channels // groups, kernel_size, kernel_size, **dd))
+            torch.empty(num_kernels * out_channels, in_channels // groups, kernel_size, kernel_size, **dd))
         self.bias = nn.Parameter(torch.empty(num_kernels, out_channels, **dd)) if bias else None
         self.register_buffer('temperature', torch.full((), float(temperature), **dd))
         self.batch_agnostic = False
         self.reset_parameters()
 
+    @property
+    def kernels(self) -> torch.Tensor:
+        """The K kernels, ``(K, out, in / groups, k, k)`` (a view of the weight)."""
+        return self.weight.unflatten(0, (self.num_kernels, self.out_channels))
+
     def reset_parameters(self) -> None:
-        for k in range(self.num_kernels):
-            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        for kernel in self.kernels:
+            nn.init.kaiming_uniform_(kernel, a=math.sqrt(5))
         if self.bias is not None:
-            fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
-            bound = 1 / math.sqrt(fan_in)
+            bound = 1 / math.sqrt(self.weight[0].numel())
             nn.init.uniform_(self.bias, -bound, bound)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +82,7 @@ class DynamicConv2d(nn.Module):
     def _forward_batch_agnostic(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         K, G = self.num_kernels, self.groups
         # output channels ordered (group, kernel, channel) so that each group's K kernels see that group's inputs
-        weight = self.weight.unflatten(1, (G, -1)).transpose(0, 1).flatten(0, 2)
+        weight = self.kernels.unflatten(1, (G, -1)).transpose(0, 1).flatten(0, 2)
         bias = self.bias.unflatten(1, (G, -1)).transpose(0, 1).flatten() if self.bias is not None else None
         out = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, G)
         out = out.unflatten(1, (G, K, -1)) * attn[:, None, :, None, None, None]
@@ -88,7 +93,7 @@ class DynamicConv2d(nn.Module):
         attn = self.attention(x)
         if self.batch_agnostic:
             return self._forward_batch_agnostic(x, attn)
-        weight = (attn @ self.weight.flatten(1)).reshape(
+        weight = (attn @ self.weight.reshape(self.num_kernels, -1)).reshape(
             B * self.out_channels, self.in_channels // self.groups, self.kernel_size[0], self.kernel_size[1])
         bias: Optional[torch.Tensor] = None
         if self.bias is not None:

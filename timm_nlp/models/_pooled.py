@@ -1,7 +1,7 @@
 """Helpers shared by the pooled backbones: pooling layers, pretrained cfgs and stock-weight transfer."""
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -9,7 +9,7 @@ from torch import nn
 from timm.models import get_pretrained_cfg
 
 from timm_nlp.grammar import ArchSpec, PoolSpec
-from timm_nlp.layers import create_pool2d
+from timm_nlp.layers import DynamicConv2d, create_pool2d
 
 __all__ = [
     'make_pool', 'set_stride', 'insert_stage_pools', 'resnet_feature_info', 'pooled_cfg', 'TransferReport',
@@ -108,6 +108,16 @@ def _remap_key(key: str, model_keys: Dict[str, torch.Tensor]) -> str:
     return key
 
 
+def _tile_kernels(value: torch.Tensor, num_kernels: int, shape: torch.Size) -> Optional[torch.Tensor]:
+    """A stock conv tensor repeated for each kernel of the dynamic conv that replaced the conv, in its layout
+    (weight ``(K * O, I, k, k)``, bias ``(K, O)``); None where it does not fit."""
+    tiled = value.unsqueeze(0).expand(num_kernels, *value.shape)
+    for t in (tiled, tiled.flatten(0, 1)):
+        if t.shape == shape:
+            return t
+    return None
+
+
 def adapt_stock_state_dict(
         state_dict: Dict[str, torch.Tensor],
         model: nn.Module,
@@ -118,18 +128,20 @@ def adapt_stock_state_dict(
     dynamic conv that replaced it (so the model starts as the stock function); everything else is reported.
     """
     target = model.state_dict()
+    dynamic = {name: m.num_kernels for name, m in model.named_modules() if isinstance(m, DynamicConv2d)}
     out, report = {}, TransferReport()
     for key, value in state_dict.items():
         mkey = _remap_key(key, target)
         if mkey not in target:
             report.unused.append(key)
             continue
-        want = target[mkey]
+        want, module = target[mkey], mkey.rpartition('.')[0]
+        tiled = _tile_kernels(value, dynamic[module], want.shape) if module in dynamic else None
         if want.shape == value.shape:
             out[mkey] = value
             report.loaded.append(mkey)
-        elif want.dim() == value.dim() + 1 and want.shape[1:] == value.shape:
-            out[mkey] = value.unsqueeze(0).expand_as(want).clone()
+        elif tiled is not None:
+            out[mkey] = tiled.clone()
             report.expanded.append(mkey)
         else:
             report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
