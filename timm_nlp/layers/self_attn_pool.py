@@ -67,11 +67,13 @@ class DeformConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does.
         # NaN offsets crash its kernel (segfault), so they become 0; a NaN input still gives a NaN output.
+        # Its CUDA backward fails ("internal overlap") on the weight of a 1x1 kernel in channels-last strides, which
+        # .contiguous() keeps (size-1 dims): the kernel gets an NCHW-strided copy.
         dtype = self.weight.dtype
         offset = torch.nan_to_num(self.offset(x).to(dtype))
         return deform_conv2d(
-            x.to(dtype), offset, self.weight, self.bias, stride=(self.stride, self.stride),
-            padding=(self.padding, self.padding))
+            x.to(dtype), offset, self.weight.clone(memory_format=torch.contiguous_format), self.bias,
+            stride=(self.stride, self.stride), padding=(self.padding, self.padding))
 
 
 class SelfAttentiveImportance(nn.Module):
