@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from _bench import print_table
-from bench_models import BACKBONE, OURS, PLAIN, REDUCED, STOCK, plain_formulation, randomize_norms
+from bench_models import (
+    BACKBONE, OURS, PLAIN, REDUCED, STOCK, infer_fn, plain_formulation, randomize_norms, train_fn)
 from timm_nlp.profiler import count_macs
 
 MiB = 2 ** 20
@@ -26,27 +27,10 @@ MODES = ('fp32', 'bf16 cl')
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, train: bool, bf16: bool) -> Callable[[], object]:
-    """One inference call or one training step of ``model`` on ``x``."""
+    """One inference call or training step of ``model`` on ``x``; bf16 autocast runs in channels_last."""
     if bf16:
         model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
-    if not train:
-        model.eval()
-
-        def infer():
-            with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
-                return model(x)
-        return infer
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device)
-
-    def train_step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=bf16):
-            loss = nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-    return train_step
+    return (train_fn if train else infer_fn)(model, x, bf16)
 
 
 def measure(fn: Callable[[], object], repeats: int) -> Dict[str, float]:

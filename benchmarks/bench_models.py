@@ -56,22 +56,24 @@ def randomize_norms(model: nn.Module) -> nn.Module:
 
 
 def infer_fn(model: nn.Module, x: torch.Tensor, bf16: bool = False):
+    """One inference call of ``model`` on ``x`` (eval, no grad), on ``x``'s device."""
     model.eval()
 
     def run():
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             return model(x)
     return run
 
 
 def train_fn(model: nn.Module, x: torch.Tensor, bf16: bool = False):
+    """One training step (forward, cross-entropy, backward, SGD) of ``model`` on ``x``, on ``x``'s device."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
 
     def run():
         model.train()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = nn.functional.cross_entropy(model(x), target)
         loss.backward()
         opt.step()
