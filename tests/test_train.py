@@ -265,19 +265,22 @@ def test_run_executes_a_script_with_the_models_registered(tmp_path):
 @pytest.mark.skipif(not os.environ.get('TIMM_SCRIPTS_DIR'),
                     reason='needs a checkout of timm\'s repository (TIMM_SCRIPTS_DIR with train.py, validate.py); '
                            'the trainer and timm_nlp.run are tested above without it')
-def test_real_timm_train_and_validate(tmp_path):
+@pytest.mark.parametrize('model,extra', [('resnet18_nlp_headfix2_2222', []),
+                                         ('dymobilenetv2_dfmixp_2222121', ['--channels-last'])])
+def test_real_timm_train_and_validate(tmp_path, model, extra):
     scripts = Path(os.environ['TIMM_SCRIPTS_DIR'])
     data = _image_folder(tmp_path / 'data', size=32)
     out = tmp_path / 'out'
-    subprocess.run([sys.executable, str(scripts / 'train.py'), '--data-dir', str(data), '--device-modules',
-                    'timm_nlp', '--model', 'resnet18_nlp_headfix2_2222', '--num-classes', '3', '--epochs', '1',
-                    '-b', '6', '--img-size', '32', '--workers', '0', '--no-prefetcher', '--device', 'cpu',
-                    '--output', str(out), '--experiment', 'exp', '--warmup-epochs', '0'],
-                   check=True, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(scripts / 'train.py'), '--data-dir', str(data), '--device-modules',
+                           'timm_nlp', '--model', model, '--num-classes', '3', '--epochs', '1', '-b', '6',
+                           '--img-size', '32', '--workers', '0', '--no-prefetcher', '--device', 'cpu', '--output',
+                           str(out), '--experiment', 'exp', '--warmup-epochs', '0', *extra],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / 'exp' / 'model_best.pth.tar'
     assert ckpt.exists()
     proc = subprocess.run([sys.executable, '-m', 'timm_nlp.run', str(scripts / 'validate.py'), '--data-dir',
-                           str(data / 'val'), '--model', 'resnet18_nlp_headfix2_2222', '--num-classes', '3',
+                           str(data / 'val'), '--model', model, '--num-classes', '3', *extra,
                            '--checkpoint', str(ckpt), '-b', '6', '--img-size', '32', '--workers', '0',
                            '--no-prefetcher', '--device', 'cpu'],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
