@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from reference import PlainNlpPool
-from test_layers import ALL, _rand_like_params
+from test_layers import ALL, _assert_grads_close, _rand_like_params
 from timm_nlp.checkpoint import load_training_checkpoint
 from timm_nlp.layers import create_pool2d
 
@@ -46,16 +46,6 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, cot: torch.Tensor):
     (y * cot).sum().backward()
     return y.detach().cpu(), xi.grad.cpu(), {n: p.grad.cpu() for n, p in module.named_parameters()
                                              if p.grad is not None}
-
-
-def _assert_grads_close(g: dict, g_ref: dict, rel: float, what: str) -> None:
-    assert g.keys() == g_ref.keys(), what
-    if not g_ref:
-        return
-    scale = max(v.abs().max().item() for v in g_ref.values())
-    for n in g:
-        err = (g[n] - g_ref[n]).abs().max().item()
-        assert err <= rel * scale, f'{what} {n}: gradient differs by {err:.3g} (scale {scale:.3g})'
 
 
 # training-mode Gaussian pooling draws noise, which differs between devices: it is compared in eval only
