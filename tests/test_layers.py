@@ -94,7 +94,8 @@ EQUIV_CASES = [
 @pytest.mark.parametrize('name,size,stride,kwargs', EQUIV_CASES)
 @pytest.mark.parametrize('train', [True, False])
 def test_nlp_matches_plain_formulation(name, size, stride, kwargs, train):
-    """Ours (SDPA, restore on the token grid in eval) against nn.MultiheadAttention written from the formula.
+    """Ours (SDPA; restore conv on the token grid, and in eval BN and sigmoid too) against nn.MultiheadAttention
+    written from the formula (restore after the up-sampling).
 
     fp32: output and input gradient to 1e-5; parameter gradients to 5e-4 of the largest parameter gradient, because
     the train-mode BN backward cancels large terms (the key/value/output-projection bias gradients are exactly zero
@@ -111,8 +112,14 @@ def test_nlp_matches_plain_formulation(name, size, stride, kwargs, train):
     cot = torch.randn(2, 32, -(-size[0] // stride), -(-size[1] // stride))
     for dtype, tol, gtol in ((torch.float32, 1e-5, 5e-4), (torch.float64, 1e-10, 1e-9)):
         m.to(dtype), ref.to(dtype)
+        buffers = {n: b.clone() for n, b in m.named_buffers()}
         y, gx, gp = _run(m, m, x.to(dtype), cot.to(dtype))
+        stats = {n: b.clone() for n, b in m.named_buffers()}
+        m.load_state_dict(buffers, strict=False)  # both runs update the shared BN statistics from the same state
         y_ref, gx_ref, gp_ref = _run(m, ref, x.to(dtype), cot.to(dtype))
+        for n, b in m.named_buffers():  # BN running statistics (changed in training only)
+            assert torch.equal(b, buffers[n]) != train, n
+            torch.testing.assert_close(stats[n], b, atol=tol, rtol=tol, msg=n)
         torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
         torch.testing.assert_close(gx, gx_ref, atol=tol, rtol=tol)
         scale = _assert_grads_close(gp, gp_ref, gtol, str(dtype))

@@ -3,7 +3,8 @@
 Patch embedding (conv k=p, stride p, or a deformable conv for dfmnlp), a learned 2-D position
 embedding resampled to any token grid, multi-head self-attention through
 ``F.scaled_dot_product_attention`` (timm's ``Attention``: no materialised N x N matrix), then restore:
-nearest up-sampling, conv1x1, BN and sigmoid.
+nearest up-sampling, conv1x1, BN and sigmoid (the conv1x1, and in eval BN and sigmoid too, commute with the
+up-sampling and run on the tokens).
 """
 import math
 from typing import Optional, Tuple, Type
@@ -154,9 +155,10 @@ class SelfAttentiveImportance(nn.Module):
         patches): the full-resolution map is never up-sampled in eval."""
         H, W = x.shape[-2], x.shape[-1]
         if self.training:
-            # BN batch statistics are defined over the full-resolution map: restore after up-sampling
-            t = upsample_patches(self._attend(x), (H, W), self.patch_size)
-            logit = self.restore_norm(self.restore(t)).sigmoid()
-            return logit[:, :, ::stride, ::stride] if stride > 1 else logit
+            # BN batch statistics are defined over the full-resolution map, so BN runs after the up-sampling; the
+            # restore conv (1x1, no bias) commutes with it and runs on the tokens, p^2 times fewer positions
+            t = upsample_patches(self.restore(self._attend(x)), (H, W), self.patch_size)
+            logit = self.restore_norm(t)
+            return (logit[:, :, ::stride, ::stride] if stride > 1 else logit).sigmoid()
         size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
         return upsample_patches(self.token_logit(x), size, self.patch_size // stride)
