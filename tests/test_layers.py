@@ -210,6 +210,17 @@ def test_nlp_logit_keeps_input_memory_format(layout, train):
         assert m.nlp(x).is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize('train', [False, True])
+def test_nlp_restore_conv_runs_on_tokens(train):
+    # the conv1x1 commutes with the nearest up-sampling (values: test_nlp_matches_plain_formulation); in both modes
+    # it must see the token grid, not the p^2 times larger up-sampled map
+    m = create_pool2d('nlp_headfix2_nowin_reduced', 16, 2, reduction=8).train(train)
+    seen = []
+    m.nlp.restore.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    m(torch.randn(2, 16, 18, 16))
+    assert m.nlp.patch_size == 4 and seen == [(2, m.nlp.embed_dim, 5, 4)]
+
+
 def test_gaussian_pool_eval_deterministic_train_stochastic():
     torch.manual_seed(0)
     m = GaussianPool2d(8, 2)
