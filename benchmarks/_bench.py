@@ -4,6 +4,8 @@ Time: median wall time of repeated calls after warm-up. Peak memory: the process
 (VmHWM) during one call minus its resident size (VmRSS) just before, after returning freed heap memory to the
 OS (malloc_trim) and resetting the peak (writing 5 to /proc/self/clear_refs). It counts everything the call
 touches, including kernel workspaces and the tensors it returns, and excludes the model and the input.
+Saved for backward: the bytes of the distinct storages autograd keeps for the backward of a forward pass, the
+training-time activation memory, counted exactly (independent of the allocator and of the machine's state).
 """
 import ctypes
 import gc
@@ -45,6 +47,24 @@ def peak_memory(fn: Callable[[], object]) -> int:
     peak = _proc_status('VmHWM:') - base
     del out
     return peak
+
+
+def saved_for_backward(fn: Callable[[], object], exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct tensor storages that autograd saves for the backward of ``fn()`` (a forward pass),
+    not counting the storages of ``exclude`` (the parameters and the input)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()  # the graph, and so every saved storage, stays alive until here: no address is reused
+    del out
+    return sum(storages.values())
 
 
 def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:

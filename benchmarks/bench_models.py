@@ -1,13 +1,13 @@
 """Pooled models against their stock timm base and against the plain nn.MultiheadAttention formulation of nlp.
 
-    python benchmarks/bench_models.py [--batch 8] [--img-size 224] [--threads 2] [--repeats 5] [--no-compile]
+    python benchmarks/bench_models.py [--batch 8] [--img-size 224] [--threads 2] [--repeats 9] [--no-compile]
 
 Inference (eval, no grad) and a training step (forward, backward, SGD step) per model, each in fp32 and
 channels_last (timed in interleaved rounds; a ratio is the median over rounds of the two models' times within a
-round, so it shares the machine's state), bf16 autocast and torch.compile, and peak memory (see _bench.py), all in
-one run. The ratios are checked against the issue's targets. The same backbone with a free pooling
-(resnet18_avgp_1222), the fused attention alone and this CPU's GEMM peak are timed too, to bound the training-step
-ratio (Amdahl).
+round, so it shares the machine's state), bf16 autocast and torch.compile, peak memory and the activations saved
+for the backward (see _bench.py), all in one run. The ratios are checked against the issue's targets. The same
+backbone with a free pooling (resnet18_avgp_1222), the fused attention alone and this CPU's GEMM peak are timed
+too, to bound the training-step ratio (Amdahl).
 """
 import argparse
 import copy
@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from _bench import (
-    env_line, import_tests_reference, interleaved_times, median_time, peak_memory, print_table, round_ratio)
+    env_line, import_tests_reference, interleaved_times, median_time, peak_memory, print_table, round_ratio,
+    saved_for_backward)
 import timm_nlp  # noqa: F401  registers the models
 from timm_nlp.layers import WeightedPool2d
 from timm_nlp.profiler import count_macs
@@ -126,8 +127,8 @@ def main():
     print(f'# bench_models: batch {args.batch}, {args.img_size}x{args.img_size}; {env_line(args.threads)}')
     print(f'# fp32 and channels_last (inference and train step): median of {args.repeats} interleaved rounds after 1 '
           'warm-up, (ratio) = median of the per-round ratios to stock; bf16: 1 call after 1 warm-up; compiled: median '
-          'of 3 calls after compiling; peak: RSS above the pre-call level (benchmarks/_bench.py); train step = '
-          'forward + backward + SGD\n')
+          'of 3 calls after compiling; peak: RSS above the pre-call level; saved: activations autograd keeps for the '
+          'backward, exact (benchmarks/_bench.py); train step = forward + backward + SGD\n')
 
     ours = randomize_norms(timm.create_model(OURS))
     models = {STOCK: timm.create_model('resnet18'), OURS: ours, PLAIN: plain_formulation(ours),
@@ -149,6 +150,7 @@ def main():
                 r[key], r[key + '_ratio'] = statistics.median(times[name]), round_ratio(times, name, STOCK)
         r['fp32_mem'] = peak_memory(infer_fn(model, x))
         r['train_mem'] = peak_memory(train_fn(model, x))
+        r['saved'] = saved_for_backward(lambda: model.train()(x), [x, *model.parameters()])
         if name != PLAIN:  # the reference formulation is timed in fp32 only
             r['bf16'] = median_time(infer_fn(model, x, bf16=True), repeats=1)
             r['train_bf16'] = median_time(train_fn(copy.deepcopy(model), x, bf16=True), repeats=1)
@@ -165,14 +167,14 @@ def main():
     timed_fmt = lambda r, k: f"{r[k] * 1e3:.0f} ({r[k + '_ratio']:.2f}x)" if k in r else '-'  # noqa: E731
     rows = [[name, f"{r['macs'] / 1e9:.2f}", timed_fmt(r, 'fp32'), timed_fmt(r, 'cl'), fmt(r, 'bf16'),
              fmt(r, 'compiled'), f"{r['fp32_mem'] / MiB:.0f}", timed_fmt(r, 'train'), timed_fmt(r, 'train_cl'),
-             fmt(r, 'train_bf16'), fmt(r, 'train_compiled'), f"{r['train_mem'] / MiB:.0f}"]
+             fmt(r, 'train_bf16'), fmt(r, 'train_compiled'), f"{r['train_mem'] / MiB:.0f}", f"{r['saved'] / MiB:.0f}"]
             for name, r in res.items()]
     print('## inference (eval, no grad)\n')
     print_table(['model', 'GMACs/img', 'fp32 ms (vs stock)', 'channels_last ms (vs stock)', 'bf16 ms',
                  'compiled ms', 'fp32 peak MiB'], [r[:7] for r in rows])
     print('\n## train step (forward + backward + SGD)\n')
     print_table(['model', 'fp32 ms (vs stock)', 'channels_last ms (vs stock)', 'bf16 ms', 'compiled ms',
-                 'fp32 peak MiB'], [r[:1] + r[7:] for r in rows])
+                 'fp32 peak MiB', 'saved MiB'], [r[:1] + r[7:] for r in rows])
 
     o, p, red, bb = res[OURS], res[PLAIN], res[REDUCED], res[BACKBONE]
     mac_ratio, time_ratio = o['macs'] / stock['macs'], o['fp32_ratio']
@@ -202,6 +204,7 @@ def main():
          '-', None),
         ('plain / ours inference peak memory', f"{p['fp32_mem'] / o['fp32_mem']:.2f}x", '-', None),
         ('plain / ours training peak memory', f"{p['train_mem'] / o['train_mem']:.2f}x", '-', None),
+        ('plain / ours activations saved for the backward', f"{p['saved'] / o['saved']:.2f}x", '-', None),
         ('max |ours - plain| logits (randomised BN)', f'{diff:.2e}', '<= 1e-4', diff <= 1e-4),
     ]
     for name in (OURS, REDUCED):
