@@ -136,11 +136,10 @@ def adapt_stock_state_dict(
             report.unused.append(key)
             continue
         want, module = target[mkey], mkey.rpartition('.')[0]
-        tiled = _tile_kernels(value, dynamic[module], want.shape) if module in dynamic else None
         if want.shape == value.shape:
             out[mkey] = value
             report.loaded.append(mkey)
-        elif tiled is not None:
+        elif module in dynamic and (tiled := _tile_kernels(value, dynamic[module], want.shape)) is not None:
             out[mkey] = tiled.clone()
             report.expanded.append(mkey)
         else:
