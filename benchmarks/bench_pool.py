@@ -23,8 +23,10 @@ METHODS = ['skip', 'maxp', 'avgp', 'lip', 'gaussian_pool', 'nlp', 'nlp_headfix2'
 MiB = 2 ** 20
 
 
-def calls(module: torch.nn.Module, x: torch.Tensor) -> Tuple[Callable[[], object], Callable[[], None]]:
-    """A forward (eval, no grad) and a forward+backward (train) call of ``module`` on ``x``."""
+def calls(module: torch.nn.Module, x: torch.Tensor
+          ) -> Tuple[Callable[[], object], Callable[[], None], torch.Tensor]:
+    """A forward (eval, no grad) and a forward+backward (train) call of ``module`` on ``x``, and the copy of ``x``
+    that the latter differentiates."""
     xg = x.clone().requires_grad_()
 
     def fwd():
@@ -37,16 +39,15 @@ def calls(module: torch.nn.Module, x: torch.Tensor) -> Tuple[Callable[[], object
         module.zero_grad(set_to_none=True)
         xg.grad = None
         module(xg).sum().backward()
-    return fwd, fwd_bwd
+    return fwd, fwd_bwd, xg
 
 
 def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int):
     """(forward s, forward peak bytes, forward+backward s, forward+backward peak bytes, bytes saved for backward)."""
-    fwd, fwd_bwd = calls(module, x)
+    fwd, fwd_bwd, xg = calls(module, x)
     t_f, m_f = median_time(fwd, repeats), peak_memory(fwd)
     t_fb, m_fb = median_time(fwd_bwd, repeats), peak_memory(fwd_bwd)
     module.zero_grad(set_to_none=True)
-    xg = x.clone().requires_grad_()
     saved = saved_for_backward(lambda: module.train()(xg), [xg, *module.parameters()])
     return t_f, m_f, t_fb, m_fb, saved
 
@@ -93,7 +94,7 @@ def main():
     ours.train(), plain.train()
     diff_train = (ours(x) - plain(x)).abs().max().item()
     o, p = results['nlp_headfix2'], results['plain']
-    (ours_f, ours_fb), (plain_f, plain_fb) = calls(ours, x), calls(plain, x)
+    (ours_f, ours_fb, _), (plain_f, plain_fb, _) = calls(ours, x), calls(plain, x)
     t_f = interleaved_times({'ours': ours_f, 'plain': plain_f}, args.rounds)
     t_fb = interleaved_times({'ours': ours_fb, 'plain': plain_fb}, args.rounds)
     checks = [
