@@ -1,4 +1,5 @@
 """Pooling layers: output-size rule, window normalisation, equivalence with the plain formulation, errors."""
+import copy
 import itertools
 
 import pytest
@@ -9,7 +10,8 @@ from torch.nn import functional as F
 from reference import PlainNlpPool, window_pool
 from timm_nlp.grammar import POOL_METHODS, PoolSpec
 from timm_nlp.layers import (
-    GaussianPool2d, WeightedPool2d, create_pool2d, nlp_defaults, scale_by_patches, window_avg_pool2d)
+    DeformConv2d, GaussianPool2d, SelfAttentiveImportance, WeightedPool2d, create_pool2d, nlp_defaults, scale_by_patches,
+    upsample_patches, window_avg_pool2d)
 
 SIZES = list(range(1, 10)) + [31, 32, 33, 56, 57]
 WIN_NORM = ['lip', 'nlp', 'nlp_headfix2', 'nlp_reduced', 'dfmnlp', 'dfmnlp_reduced', 'mixp', 'dfmixp_headfix2_reduced']
@@ -200,6 +202,24 @@ def test_scale_by_patches_matches_upsampled_product(size, factor, layout):
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('factor', [2, 3, 41, 47, 97])
+def test_upsample_patches_exact_for_every_factor(factor):
+    # F.interpolate's 'nearest' maps row i to floor(i * float32(1 / factor)), which for factor 41, 47, 97, ... takes
+    # the previous patch at some patch starts; every row must come from its own patch
+    t = torch.randn(1, 2, 6, 3)
+    size = (6 * factor - 1, 3 * factor)
+    ref = t.repeat_interleave(factor, -2).repeat_interleave(factor, -1)[:, :, :size[0], :size[1]]
+    torch.testing.assert_close(upsample_patches(t, size, factor), ref, rtol=0, atol=0)
+
+
+def test_nlp_logit_stride_must_divide_patch():
+    # the strided logit samples a map that is constant on patches: a stride that straddles patches is refused
+    m = SelfAttentiveImportance(8, patch_size=4).eval()
+    assert m(torch.randn(1, 8, 8, 8), 2).shape == (1, 8, 4, 4)
+    with pytest.raises(ValueError, match='stride 3 must divide the patch size 4'):
+        m(torch.randn(1, 8, 8, 8), 3)
+
+
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize('train', [False, True])
 def test_nlp_logit_keeps_input_memory_format(layout, train):
@@ -238,6 +258,42 @@ def test_gaussian_pool_eval_deterministic_train_stochastic():
         torch.testing.assert_close(y1, expect, atol=1e-5, rtol=1e-5)
         m.train()
         assert (m(x) - m(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('autocast', [False, True])
+def test_gaussian_pool_low_precision_keeps_window_std(dtype, autocast):
+    # in bf16/fp16, E[x^2] - E[x]^2 cancels most of a window variance that is small next to its mean (this input
+    # gave 34% (bf16) and 17% (fp16) relative error); the output must be as precise as its dtype
+    torch.manual_seed(0)
+    m = GaussianPool2d(8, 2).eval()
+    x = (10 + torch.randn(2, 8, 8, 8)).to(dtype)
+    with torch.no_grad():
+        ref = copy.deepcopy(m).double()(x.double())
+        with torch.autocast('cpu', dtype=dtype, enabled=autocast):
+            y = (m if autocast else copy.deepcopy(m).to(dtype))(x)
+    assert y.dtype == dtype
+    assert ((y.double() - ref).abs() / ref.abs()).max() < 2 ** -7
+
+
+def test_deform_conv_bf16_on_cpu():
+    # torchvision has no bf16 CPU kernel for deform_conv2d: the layer runs it in fp32 and returns bf16, the same
+    # values as the fp32 layer with the bf16 weights, on the bf16 input, up to bf16 rounding
+    torch.manual_seed(0)
+    m = DeformConv2d(8, 8, 3, padding=1).to(torch.bfloat16)
+    nn.init.normal_(m.offset.weight, std=0.1)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, ref = m(x), copy.deepcopy(m).float()(x.float())
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() < 2 ** -6 * ref.abs().max()
+
+
+def test_avgp_accepts_unbatched_input():
+    # like nn.AvgPool2d, which it stands for: (C, H, W) as well as (B, C, H, W), on the fast path's even sizes too
+    for shape in [(3, 8, 6), (3, 7, 6)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(create_pool2d('avgp', 3, 2)(x), F.avg_pool2d(x, 2, 2, ceil_mode=True))
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -300,6 +356,7 @@ def test_bad_names(name, pattern):
     (dict(stride=0), r'stride must be an integer >= 1, got 0'),
     (dict(stride=1.5), r'stride must be an integer >= 1, got 1.5'),
     (dict(channels=0), r'channels must be an integer >= 1'),
+    (dict(num_heads=0), r'num_heads=0'),
     (dict(heads=2), r"unexpected arguments \['heads'\].*patch_size, embed_ratio, num_heads, pos_size"),
 ])
 def test_bad_arguments(kwargs, pattern):

@@ -16,7 +16,8 @@ class GaussianPool2d(nn.Module):
 
     ``eta`` is an input-dependent, per-channel Gaussian variable: its mean ``mu`` and deviation ``sigma``
     come from the globally averaged input; training samples ``eta = mu + sigma * noise`` per output
-    element, eval uses ``eta = mu`` (deterministic).
+    element, eval uses ``eta = mu`` (deterministic). The window moments are computed in at least fp32: in
+    bf16/fp16 (autocast) ``E[x^2] - E[x]^2`` cancels away most of a small window variance.
     """
 
     def __init__(self, channels: int, stride: int = 2, eps: float = 1e-6, device=None, dtype=None):
@@ -33,14 +34,15 @@ class GaussianPool2d(nn.Module):
             raise ValueError(
                 'GaussianPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
         s = self.stride
-        mean = window_avg_pool2d(x, s)
-        var = window_avg_pool2d(x * x, s) - mean * mean
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean = window_avg_pool2d(xf, s)
+        var = window_avg_pool2d(xf * xf, s) - mean * mean
         std = (var.clamp(min=0) + self.eps).sqrt()
         g = x.mean((2, 3), keepdim=True)
         eta = self.mu(g)
         if self.training:
             eta = eta + F.softplus(self.sigma(g)) * torch.randn_like(mean)
-        return mean + F.softplus(eta) * std
+        return (mean + F.softplus(eta) * std).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, stride={self.stride}'

@@ -25,9 +25,15 @@ def nlp_embed_dim(channels: int, embed_ratio: float, num_heads: int) -> int:
 
 
 def upsample_patches(t: torch.Tensor, size: Tuple[int, int], factor: int) -> torch.Tensor:
-    """Nearest up-sampling of a per-patch map by ``factor``, cropped to ``size``."""
+    """Nearest up-sampling of a per-patch map by ``factor``, cropped to ``size``.
+
+    ``nearest-exact`` samples at pixel centres, which for an integer factor is the same map as ``nearest``, but
+    stays exact where ``nearest``'s ``floor(i * float32(1 / factor))`` picks the previous patch (factor 41, 47, ...).
+    Traced for ONNX, which has no export of it, ``nearest`` becomes a ``Resize`` that divides by the factor: exact.
+    """
     if factor > 1:
-        t = F.interpolate(t, scale_factor=float(factor), mode='nearest')
+        mode = 'nearest' if torch.jit.is_tracing() else 'nearest-exact'
+        t = F.interpolate(t, scale_factor=float(factor), mode=mode)
     return t[:, :, :size[0], :size[1]]
 
 
@@ -66,15 +72,19 @@ class DeformConv2d(nn.Module):
         nn.init.zeros_(self.offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does.
+        # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does; it has
+        # no bf16 CPU kernel either, so bf16 runs in fp32 there and the output is cast back.
         # NaN offsets crash its kernel (segfault), so they become 0; a NaN input still gives a NaN output.
         # Its CUDA backward fails ("internal overlap") on the weight of a 1x1 kernel in channels-last strides, which
         # .contiguous() keeps (size-1 dims): the kernel gets an NCHW-strided copy.
         dtype = self.weight.dtype
-        offset = torch.nan_to_num(self.offset(x).to(dtype))
-        return deform_conv2d(
-            x.to(dtype), offset, self.weight.clone(memory_format=torch.contiguous_format), self.bias,
+        compute = torch.float32 if dtype == torch.bfloat16 and x.device.type == 'cpu' else dtype
+        offset = torch.nan_to_num(self.offset(x).to(compute))
+        bias = self.bias.to(compute) if self.bias is not None else None
+        out = deform_conv2d(
+            x.to(compute), offset, self.weight.to(compute, copy=True, memory_format=torch.contiguous_format), bias,
             stride=(self.stride, self.stride), padding=(self.padding, self.padding))
+        return out.to(dtype)
 
 
 class SelfAttentiveImportance(nn.Module):
@@ -104,7 +114,8 @@ class SelfAttentiveImportance(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        num_heads = num_heads or max(1, channels // 16)
+        if num_heads is None:
+            num_heads = max(1, channels // 16)
         if patch_size < 1 or num_heads < 1 or embed_ratio <= 0 or pos_size < 1:
             raise ValueError(f'Invalid self-attentive pooling arguments: patch_size={patch_size}, '
                              f'num_heads={num_heads}, embed_ratio={embed_ratio}, pos_size={pos_size} '
@@ -153,6 +164,9 @@ class SelfAttentiveImportance(nn.Module):
         """The logit map of ``x``; with ``stride`` > 1 (a divisor of the patch size) only its value at every
         ``stride``-th position, i.e. at each pooling window, where it is constant (the map is constant on
         patches): the full-resolution map is never up-sampled in eval."""
+        if stride < 1 or self.patch_size % stride:
+            raise ValueError(f'stride {stride} must divide the patch size {self.patch_size}: the logit is constant '
+                             'on patches, not on windows that straddle them.')
         H, W = x.shape[-2], x.shape[-1]
         if self.training:
             # BN batch statistics are defined over the full-resolution map, so BN runs after the up-sampling; the

@@ -15,8 +15,8 @@ __all__ = ['window_avg_pool2d', 'WindowAvgPool2d']
 
 def window_avg_pool2d(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Mean over ``stride x stride`` windows, output ``ceil(H / stride) x ceil(W / stride)``."""
-    if (torch.jit.is_tracing() or torch.jit.is_scripting() or stride != 2 or x.shape[-2] % 2 or x.shape[-1] % 2
-            or x.device.type != 'cpu' or not x.is_contiguous()):
+    if (torch.jit.is_tracing() or torch.jit.is_scripting() or stride != 2 or x.dim() != 4
+            or x.shape[-2] % 2 or x.shape[-1] % 2 or x.device.type != 'cpu' or not x.is_contiguous()):
         return F.avg_pool2d(x, stride, stride, ceil_mode=True)
     B, C, H, W = x.shape
     rows = x.view(B, C, H // 2, 2 * W)
