@@ -5,10 +5,11 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import timm_nlp
 from timm_nlp.grammar import ArchSpec
-from timm_nlp.layers import DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv
+from timm_nlp.layers import DeformConv2d, DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv
 from timm_nlp.models import PAPER_EXAMPLES, adapt_stock_state_dict, list_pooled_models, load_stock_weights
 
 FAMILIES = {'resnet': 'resnet', 'resnetv2': 'resnetv2', 'mobilenetv2': 'efficientnet'}
@@ -266,6 +267,22 @@ def test_torchscript_and_fx_match_eager():
         assert len(outs) == len(ref) == len(model.feature_info)
         for a, b in zip(outs, ref):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['resnet18_dfmnlp_2222', 'resnetv2_18_dfmixp_2222', 'mobilenetv2_dfmnlp_1222121',
+                                  'dyresnet50_dfmixp_1222'])
+def test_deformable_offsets_start_at_zero_in_models(name):
+    # the backbone's weight init draws every nn.Conv2d, the offset branch included; a deformable patch embedding
+    # must still start as the regular convolution of its weight
+    model = timm.create_model(name)
+    deform = [m for m in model.modules() if isinstance(m, DeformConv2d)]
+    assert deform
+    for m in deform:
+        assert m.offset.weight.abs().max() == 0 and m.offset.bias.abs().max() == 0
+    m = deform[0]
+    x = torch.randn(1, m.weight.shape[1], 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.conv2d(x, m.weight, m.bias, m.stride, m.padding), atol=1e-5, rtol=1e-5)
 
 
 def test_nan_input_does_not_crash_deformable_pooling():

@@ -68,6 +68,11 @@ class DeformConv2d(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+        self.reset_offset()
+
+    def reset_offset(self) -> None:
+        """Zero the offset branch: the layer is a regular convolution again (a backbone's conv init, which draws
+        every ``nn.Conv2d``, calls this after it)."""
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 

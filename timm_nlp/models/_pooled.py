@@ -9,12 +9,12 @@ from torch import nn
 from timm.models import get_pretrained_cfg
 
 from timm_nlp.grammar import ArchSpec, PoolSpec
-from timm_nlp.layers import DynamicConv2d, create_pool2d
+from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
 
 __all__ = [
     'make_pool', 'set_stride', 'insert_stage_pools', 'resnet_feature_info', 'pooled_cfg', 'TransferReport',
     'adapt_stock_state_dict', 'load_stock_weights', 'load_stock_source', 'checkpoint_filter_fn', 'PAPER_ID',
-    'check_output_stride',
+    'check_output_stride', 'reset_deform_offsets',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -49,6 +49,14 @@ def insert_stage_pools(
     for i, (blk, stride) in enumerate(zip(first_blocks, arch.strides)):
         if stride > 1:
             blk.aa = make_pool(arch.pool, strided_conv(blk).out_channels, stride, arch.reductions[i], **dd)
+
+
+def reset_deform_offsets(model: nn.Module) -> None:
+    """Re-zero the offset branch of every deformable conv (dfmnlp, dfmixp) after the backbone's weight init, which
+    draws every ``nn.Conv2d``: a deformable patch embedding starts as a regular convolution."""
+    for m in model.modules():
+        if isinstance(m, DeformConv2d):
+            m.reset_offset()
 
 
 def resnet_feature_info(feature_info: List[Dict[str, Any]], arch: ArchSpec) -> List[Dict[str, Any]]:

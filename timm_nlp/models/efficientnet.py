@@ -17,7 +17,8 @@ from timm.models.efficientnet import EfficientNet
 
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import convert_dynamic_conv
-from ._pooled import check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, set_stride
+from ._pooled import (
+    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, reset_deform_offsets, set_stride)
 from ._registry import register_family
 
 __all__ = ['PooledMobileNetV2']
@@ -62,6 +63,7 @@ class PooledMobileNetV2(EfficientNet):
             self.bn1 = nn.Sequential(self.bn1, pool)
         insert_stage_pools(arch, [stage[0] for stage in self.blocks], lambda blk: blk.conv_dw, **dd)
         efficientnet_init_weights(self)
+        reset_deform_offsets(self)
         reductions = arch.reductions
         # features at the end of every stage followed by a down-sampling stage, and of the last stage
         n = len(arch.strides)

@@ -10,7 +10,8 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet, downsample_conv
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import convert_dynamic_conv
 from ._pooled import (
-    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, resnet_feature_info, set_stride)
+    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, reset_deform_offsets,
+    resnet_feature_info, set_stride)
 from ._registry import register_family
 
 __all__ = ['PooledResNet']
@@ -60,6 +61,7 @@ class PooledResNet(ResNet):
             self.maxpool = make_pool(arch.prepool, self.conv1.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
         insert_stage_pools(arch, [stage[0] for stage in stages], self._strided_conv, **dd)
         self.init_weights(zero_init_last=zero_init_last)
+        reset_deform_offsets(self)
         self.feature_info = resnet_feature_info(self.feature_info, arch)
 
     @staticmethod

@@ -15,7 +15,8 @@ from timm.models.resnetv2 import DownsampleConv, PreActBasic, PreActBottleneck, 
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import convert_dynamic_conv
 from ._pooled import (
-    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, resnet_feature_info, set_stride)
+    check_output_stride, checkpoint_filter_fn, insert_stage_pools, make_pool, reset_deform_offsets,
+    resnet_feature_info, set_stride)
 from ._registry import register_family
 
 __all__ = ['PooledResNetV2', 'PreActBasicPool', 'PreActBottleneckPool']
@@ -114,6 +115,7 @@ class PooledResNetV2(ResNetV2):
                 arch.prepool, self.stem.conv.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
         insert_stage_pools(arch, [stage.blocks[0] for stage in self.stages], self._strided_conv, **dd)
         self.init_weights(zero_init_last=zero_init_last)
+        reset_deform_offsets(self)
         self.feature_info = resnet_feature_info(self.feature_info, arch)
 
     @staticmethod
