@@ -80,6 +80,10 @@ def test_export_files_and_config(exported):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(local(x), model(x), rtol=0, atol=0)
+    # another in_chans: timm adapts the stem after the checkpoint filter (RGB summed), the rest loads as is
+    gray = timm.create_model(f'local-dir:{out}', pretrained=True, in_chans=1).state_dict()
+    assert torch.equal(gray['conv1.weight'], weights['conv1.weight'].sum(1, keepdim=True))
+    assert all(torch.equal(gray[k], weights[k]) for k in weights if k != 'conv1.weight')
 
 
 def test_model_card(exported):

@@ -219,6 +219,20 @@ def test_transfer_rejects_another_architecture():
         load_stock_weights(model, timm.create_model('mobilenetv2_100').state_dict())
 
 
+@pytest.mark.parametrize('name,stem,kernels', [('resnet18_lip_2222', 'conv1', 1),
+                                               ('dymobilenetv2_lip_2222121', 'conv_stem', 4)])
+def test_stock_weights_adapt_the_stem_to_in_chans(name, stem, kernels):
+    # as timm's pretrained loading does for in_chans != 3: the RGB stem summed over its input channels (then tiled
+    # over the kernels of a dynamic stem); every other stock tensor loads unchanged
+    model = timm.create_model(name, in_chans=1)
+    stock = timm.create_model(model.arch.base_name).state_dict()
+    report = load_stock_weights(model, stock)
+    rgb = stock[stem + '.weight']
+    expect = rgb.sum(1, keepdim=True).repeat(kernels, 1, 1, 1)
+    assert torch.equal(model.state_dict()[stem + '.weight'], expect)
+    assert stem + '.weight' in (report.loaded if kernels == 1 else report.expanded) and not report.mismatched
+
+
 def test_prepool_replaces_the_stem_downsampling():
     model = timm.create_model('prepool-lip-8-resnet18-skip-1222').eval()
     assert model.conv1.stride == (1, 1) and isinstance(model.maxpool, WeightedPool2d) and model.maxpool.stride == 8

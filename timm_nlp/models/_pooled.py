@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from timm.models import get_pretrained_cfg
+from timm.models import adapt_input_conv, get_pretrained_cfg
 
 from timm_nlp.grammar import ArchSpec, PoolSpec
 from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
@@ -170,18 +170,34 @@ def _new_modules(model: nn.Module, new: set) -> List[str]:
     return sorted(full)
 
 
+def _first_conv_keys(model: nn.Module) -> List[str]:
+    first = getattr(model, 'pretrained_cfg', {}).get('first_conv') or ()
+    return [f + '.weight' for f in ((first,) if isinstance(first, str) else first)]
+
+
+def _input_conv_mismatches(model: nn.Module, report: TransferReport) -> List[str]:
+    """The keys of the mismatches that are only the input channels of the model's first conv (``in_chans``)."""
+    keys = _first_conv_keys(model)
+    return [k for k, a, b in report.mismatched
+            if k in keys and len(a) == len(b) == 4 and a[0] == b[0] and a[2:] == b[2:]]
+
+
 def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> TransferReport:
     """Load a stock timm checkpoint of the base model into ``model``; the pooling modules keep their init.
 
     A classifier of another class count is left at its initialisation (reset, as timm does when
-    ``num_classes`` differs from the checkpoint's); any other shape mismatch is an error naming the tensors.
+    ``num_classes`` differs from the checkpoint's); a first conv of another ``in_chans`` is adapted as timm does
+    (summed or repeated over the input channels); any other shape mismatch is an error naming the tensors.
     """
     head = getattr(model, 'pretrained_cfg', {}).get('classifier')
+    target = model.state_dict()
     if head:
-        target = model.state_dict()
         state_dict = {k: v for k, v in state_dict.items()
                       if not (k.startswith(head + '.') and k in target and target[k].shape != v.shape)}
-    adapted, report = adapt_stock_state_dict(state_dict, model)
+    stems = {k: adapt_input_conv(target[k].shape[1], state_dict[k]) for k in _first_conv_keys(model)
+             if k in state_dict and k in target and state_dict[k].ndim == 4
+             and state_dict[k].shape[1] != target[k].shape[1]}
+    adapted, report = adapt_stock_state_dict(dict(state_dict, **stems), model)
     if report.mismatched:
         shown = [f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched[:8]]
         more = len(report.mismatched) - len(shown)
@@ -225,7 +241,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             break
     adapted, report = adapt_stock_state_dict(state_dict, model)
     head = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
-    wrong = [m for m in report.mismatched if not (head and m[0].startswith(head + '.'))]
+    in_conv = _input_conv_mismatches(model, report)
+    adapted.update({k: state_dict[k] for k in in_conv})  # timm adapts it to the model's in_chans after this filter
+    wrong = [m for m in report.mismatched if not (head and m[0].startswith(head + '.')) and m[0] not in in_conv]
     if wrong or report.unused:
         arch = getattr(model, 'arch', None)
         raise ValueError(f'Checkpoint does not match {arch.seed if arch else type(model).__name__}: '
