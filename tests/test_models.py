@@ -10,7 +10,8 @@ from torch.nn import functional as F
 import timm_nlp
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import DeformConv2d, DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv
-from timm_nlp.models import PAPER_EXAMPLES, adapt_stock_state_dict, list_pooled_models, load_stock_weights
+from timm_nlp.models import (
+    PAPER_EXAMPLES, adapt_stock_state_dict, checkpoint_filter_fn, list_pooled_models, load_stock_weights)
 
 FAMILIES = {'resnet': 'resnet', 'resnetv2': 'resnetv2', 'mobilenetv2': 'efficientnet'}
 
@@ -210,13 +211,16 @@ def test_weight_transfer_reports_exactly_the_new_modules(name, expected):
 
 def test_transfer_rejects_another_architecture():
     model = timm.create_model('resnet18_nlp_1222')
-    with pytest.raises(ValueError, match=r"match resnet18-nlp-1222; 23 shape mismatches: "
-                       r"layer1.0.conv1.weight checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\).* and 15 more"):
+    with pytest.raises(ValueError, match=r"match resnet18-nlp-1222; 23 shape mismatches, 198 unexpected tensors: "
+                       r"layer1.0.conv1.weight checkpoint \(64, 64, 1, 1\) vs model \(64, 64, 3, 3\).* and 213 more"):
         load_stock_weights(model, timm.create_model('resnet50').state_dict())
     _, report = adapt_stock_state_dict(timm.create_model('mobilenetv2_100').state_dict(), model)
     assert report.loaded == ['bn1.num_batches_tracked'] and len(report.unused) > 100 and report.mismatched
     with pytest.raises(ValueError, match=r'bn1.weight checkpoint \(32,\) vs model \(64,\)'):
         load_stock_weights(model, timm.create_model('mobilenetv2_100').state_dict())
+    # another backbone whose tensors share no name with the model: nothing would load
+    with pytest.raises(ValueError, match=r'0 shape mismatches, \d+ unexpected tensors: unexpected stem.conv.weight'):
+        load_stock_weights(model, timm.create_model('resnetv2_18').state_dict())
 
 
 @pytest.mark.parametrize('name,stem,kernels', [('resnet18_lip_2222', 'conv1', 1),
@@ -231,6 +235,16 @@ def test_stock_weights_adapt_the_stem_to_in_chans(name, stem, kernels):
     expect = rgb.sum(1, keepdim=True).repeat(kernels, 1, 1, 1)
     assert torch.equal(model.state_dict()[stem + '.weight'], expect)
     assert stem + '.weight' in (report.loaded if kernels == 1 else report.expanded) and not report.mismatched
+
+
+def test_checkpoint_filter_names_missing_tensors():
+    # weights of another architecture for a model of another class count, which timm then loads with strict=False:
+    # the tensors the checkpoint lacks (the lip layers, the new shortcut) must be an error, not stay at their init
+    model = timm.create_model('resnet18_lip_2222', num_classes=5)
+    with pytest.raises(ValueError, match=r'match resnet18-lip-2222: missing layer1\.0\.'):
+        checkpoint_filter_fn(timm.create_model('resnet18_skip_1222').state_dict(), model)
+    same = timm.create_model('resnet18_lip_2222').state_dict()
+    assert checkpoint_filter_fn(same, model).keys() == same.keys() - {'fc.weight', 'fc.bias'}
 
 
 def test_prepool_replaces_the_stem_downsampling():

@@ -198,13 +198,15 @@ def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
              if k in state_dict and k in target and state_dict[k].ndim == 4
              and state_dict[k].shape[1] != target[k].shape[1]}
     adapted, report = adapt_stock_state_dict(dict(state_dict, **stems), model)
-    if report.mismatched:
+    if report.mismatched or report.unused:
+        # a checkpoint of another base model (e.g. a resnetv2_18 file for a resnet18 model) names no model tensor
         shown = [f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched[:8]]
-        more = len(report.mismatched) - len(shown)
+        shown += [f'unexpected {k}' for k in report.unused[:8 - len(shown)]]
+        more = len(report.mismatched) + len(report.unused) - len(shown)
         arch = getattr(model, 'arch', None)
         raise ValueError(f'Checkpoint does not match {arch.seed if arch else type(model).__name__}; '
-                         f'{len(report.mismatched)} shape mismatches: ' + ', '.join(shown)
-                         + (f' and {more} more' if more else ''))
+                         f'{len(report.mismatched)} shape mismatches, {len(report.unused)} unexpected tensors: '
+                         + ', '.join(shown) + (f' and {more} more' if more else ''))
     model.load_state_dict(adapted, strict=False)
     _logger.warning('Stock-weight transfer: ' + report.summary())
     return report
@@ -244,10 +246,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     in_conv = _input_conv_mismatches(model, report)
     adapted.update({k: state_dict[k] for k in in_conv})  # timm adapts it to the model's in_chans after this filter
     wrong = [m for m in report.mismatched if not (head and m[0].startswith(head + '.')) and m[0] not in in_conv]
-    if wrong or report.unused:
+    # a classifier of another class count is reported mismatched, not missing: a missing tensor is always an error
+    missing = [k for k in report.new if k not in {m[0] for m in report.mismatched}]
+    if wrong or report.unused or missing:
         arch = getattr(model, 'arch', None)
         raise ValueError(f'Checkpoint does not match {arch.seed if arch else type(model).__name__}: '
                          + ', '.join([f'{k} checkpoint {a} vs model {b}' for k, a, b in wrong[:8]]
-                                     + [f'unexpected {k}' for k in report.unused[:8]]))
+                                     + [f'unexpected {k}' for k in report.unused[:8]]
+                                     + [f'missing {k}' for k in missing[:8]]))
     # a classifier of another class count is dropped here; timm then resets the head (num_classes differs)
     return adapted
