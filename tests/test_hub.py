@@ -230,6 +230,11 @@ timm_nlp.models.register_pretrained(dict(model='resnet18_maxp_4222', tag='demo',
 assert 'resnet18_maxp_4222.demo' in timm.list_pretrained('resnet18_maxp_4222*')
 cfg = timm.models.get_pretrained_cfg('resnet18_maxp_4222.demo')
 assert cfg.hf_hub_id == 'org/demo' and cfg.num_classes == 7 and cfg.pool_size == (2, 2)
+# a tag with its own input size gets the pool size of that input (1/128 of each side, rounded up)
+timm_nlp.models.register_pretrained(
+    dict(model='resnet18_maxp_4222', tag='big', hf_hub_id='org/big', input_size=[3, 384, 256]))
+cfg = timm.models.get_pretrained_cfg('resnet18_maxp_4222.big')
+assert cfg.input_size == (3, 384, 256) and cfg.pool_size == (3, 2), cfg.pool_size
 print('ok')
 '''
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)

@@ -71,12 +71,13 @@ def check_output_stride(output_stride: int) -> None:
                          f'{output_stride} (dilation) is not supported, only 32.')
 
 
-def pooled_cfg(arch: ArchSpec, img_size: int = 224, **kwargs: Any) -> Dict[str, Any]:
-    """A full pretrained cfg for ``arch``: the base model's preprocessing, this architecture's pool size."""
+def pooled_cfg(arch: ArchSpec, **kwargs: Any) -> Dict[str, Any]:
+    """A full pretrained cfg for ``arch``: the base model's preprocessing, this architecture's pool size at the
+    cfg's input size (224 unless ``input_size`` is given); ``kwargs`` override any field."""
     base = get_pretrained_cfg(arch.base_name)
-    pool = arch.output_size(img_size)
+    input_size = tuple(kwargs.get('input_size', (3, 224, 224)))
     cfg = dict(
-        url='', num_classes=1000, input_size=(3, img_size, img_size), pool_size=(pool, pool),
+        url='', num_classes=1000, input_size=input_size, pool_size=tuple(map(arch.output_size, input_size[1:])),
         crop_pct=base.crop_pct, interpolation=base.interpolation, mean=base.mean, std=base.std,
         first_conv=base.first_conv, classifier=base.classifier, license='apache-2.0',
         paper_ids=PAPER_ID, paper_name=PAPER_NAME,
