@@ -161,6 +161,10 @@ def test_dynamic_variant_converts_every_1x1_and_3x3_conv():
     for pool in (m for m in model.modules() if isinstance(m, WeightedPool2d)):
         assert not any(isinstance(m, DynamicConv2d) for m in pool.modules())  # pooling layers stay static
     assert convert_dynamic_conv(nn.Sequential(nn.Conv2d(3, 3, 5))) == []
+    # DynamicConv2d takes one stride, padding and dilation for both axes: other convs keep their geometry
+    mixed = nn.Sequential(*[nn.Conv2d(3, 3, 3, **kw) for kw in (
+        dict(stride=(1, 2)), dict(padding=(1, 0)), dict(dilation=(2, 1)), dict(stride=2, padding=1, dilation=2))])
+    assert convert_dynamic_conv(mixed) == ['3'] and mixed[3].stride == (2, 2) and mixed[3].dilation == (2, 2)
 
 
 @pytest.mark.parametrize('name,base', [

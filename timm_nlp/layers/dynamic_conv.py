@@ -115,15 +115,17 @@ def convert_dynamic_conv(
 ) -> List[str]:
     """Replace every ``nn.Conv2d`` with a square kernel in ``kernel_sizes`` by a ``DynamicConv2d``, in place.
 
-    The new layers keep the geometry, device and dtype of the convolutions they replace (freshly initialised).
+    The new layers keep the geometry, device and dtype of the convolutions they replace (freshly initialised);
+    a conv whose stride, padding or dilation differs between the axes, which ``DynamicConv2d`` does not take, is
+    left as it is.
 
     Returns:
         The names of the replaced modules.
     """
     targets = [
         (n, m) for n, m in module.named_modules()
-        if type(m) is nn.Conv2d and m.kernel_size[0] == m.kernel_size[1] and m.kernel_size[0] in kernel_sizes
-        and isinstance(m.padding, tuple) and m.padding_mode == 'zeros'
+        if type(m) is nn.Conv2d and m.kernel_size[0] in kernel_sizes and isinstance(m.padding, tuple)
+        and all(a == b for a, b in (m.kernel_size, m.stride, m.padding, m.dilation)) and m.padding_mode == 'zeros'
     ]
     for name, conv in targets:
         parent_name, _, child = name.rpartition('.')
