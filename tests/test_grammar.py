@@ -71,6 +71,10 @@ def test_reductions_and_output_size():
     ('resnet18_1222', r"Malformed model name 'resnet18_1222'"),
     ('prepool_nlp_resnet18_skip_1222', r"Invalid pre-pool 'nlp_resnet18_skip'.*Unknown pooling modifier 'resnet18'"),
     ('resnet18_lip_nowin_1222', r"'lip' takes no modifiers"),
+    ('resnet18-nlp-\u00b2222', r"Invalid stride digits '\u00b2222'"),  # a superscript 2: isdigit(), but not int()
+    ('prepool-lip-\u00b2-resnet18-skip-1222', r"Invalid pre-pool stride '\u00b2'"),
+    ('resnet18-nlp_-1222', r"Unknown pooling modifier ''"),
+    ('resnet18_nlp__1222', r"Unknown pooling modifier ''"),
 ])
 def test_malformed_strings(arch, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -80,6 +84,8 @@ def test_malformed_strings(arch, pattern):
 def test_spec_validation():
     with pytest.raises(ValueError, match='needs both prepool and prepool_stride'):
         ArchSpec('resnet18', 'nlp', '1222', prepool='lip')
-    with pytest.raises(ValueError, match=r'takes 4 integers >= 1'):
+    with pytest.raises(ValueError, match=r'takes 4 integers 1-9, one digit per stage'):
         ArchSpec('resnet18', 'nlp', (1, 2, 2))
+    with pytest.raises(ValueError, match=r'takes 4 integers 1-9'):
+        ArchSpec('resnet18', 'nlp', (1, 2, 2, 12))  # its seed would be resnet18-nlp-12212
     assert ArchSpec('mobilenet', 'skip', 1222121).backbone == 'mobilenet_v2'

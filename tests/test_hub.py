@@ -13,6 +13,8 @@ import timm
 import torch
 from safetensors.torch import load_file
 
+import timm_nlp
+
 from timm_nlp.checkpoint import CheckpointError, load_weights, save_weights
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +82,8 @@ def test_export_files_and_config(exported):
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(local(x), model(x), rtol=0, atol=0)
+        # timm_nlp.create_model passes timm's sources (local-dir:, hf-hub:) to timm instead of parsing them
+        torch.testing.assert_close(timm_nlp.create_model(f'local-dir:{out}', pretrained=True).eval()(x), model(x))
     # another in_chans: timm adapts the stem after the checkpoint filter (RGB summed), the rest loads as is
     gray = timm.create_model(f'local-dir:{out}', pretrained=True, in_chans=1).state_dict()
     assert torch.equal(gray['conv1.weight'], weights['conv1.weight'].sum(1, keepdim=True))

@@ -100,6 +100,9 @@ def test_create_model_any_string():
         timm_nlp.create_model('vgg16-nlp-12222')
     with pytest.raises(ValueError, match=r"Invalid stride digits '12'"):
         timm.create_model('resnet18_pooled', strides='12')
+    with pytest.raises(ValueError, match=r'needs both prepool and prepool_stride \(got prepool=None, prepool_stride=8'):
+        timm.create_model('resnet18_pooled', prepool_stride=8)
+    assert timm.create_model('resnet18_pooled', prepool='maxp').arch.prepool_stride == 4
 
 
 def test_dynamic_conv_k1_is_plain_conv():
@@ -269,6 +272,16 @@ def test_prepool_replaces_the_stem_downsampling():
         assert model.bn1(model.conv_stem(torch.randn(1, 3, 30, 30))).shape[-2:] == (8, 8)
     model = timm_nlp.create_model('prepool-avgp-2-resnet50_v2-skip-1222')
     assert model.stem.conv.stride == (1, 1) and isinstance(model.stem.pool, WindowAvgPool2d)
+
+
+def test_resnet_stem_options():
+    # a deep stem (three 3x3 convs): the pre-pool takes the stem's width and the first conv's stride
+    model = timm_nlp.create_model('prepool-lip-4-resnet18-skip-1222', stem_type='deep').eval()
+    assert model.conv1[0].stride == (1, 1) and model.maxpool.channels == model.bn1.num_features == 128
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 36, 36)).shape == (1, 512, 2, 2)  # 36 / 4 / 8, rounded up
+    with pytest.raises(ValueError, match='avg_down=True is not supported by pooled ResNets'):
+        timm.create_model('resnet50_skip_2222', avg_down=True)
 
 
 def test_pooling_placement_and_strides():

@@ -55,9 +55,10 @@ class PoolSpec:
                              f"Valid methods: {', '.join(POOL_METHODS)}.")
         lname = name.lower()
         for method in sorted(POOL_METHODS, key=len, reverse=True):
-            if lname == method or lname.startswith(method + '_'):
-                rest = lname[len(method) + 1:]
-                return cls(method, tuple(rest.split('_')) if rest else ())
+            if lname == method:
+                return cls(method, ())
+            if lname.startswith(method + '_'):
+                return cls(method, tuple(lname[len(method) + 1:].split('_')))  # 'nlp_' has the empty modifier
         head = lname.split('_')[0]
         raise ValueError(f"Unknown pooling method '{head}' in '{name}'. Valid methods: {', '.join(POOL_METHODS)}.")
 
@@ -113,7 +114,7 @@ def _choices(names) -> str:
 
 
 def _parse_strides(token: str, backbone: Backbone, where: str) -> Tuple[int, ...]:
-    if not (token.isdigit() and len(token) == backbone.num_stages and '0' not in token):
+    if not (token.isascii() and token.isdigit() and len(token) == backbone.num_stages and '0' not in token):
         raise ValueError(
             f"Invalid stride digits '{token}' in '{where}': {backbone.seed} takes {backbone.num_stages} digits 1-9, "
             f"one per stage (stock: {backbone.stock}).")
@@ -128,7 +129,7 @@ def _parse_pool(token: str, where: str, what: str = 'pooling') -> PoolSpec:
 
 
 def _parse_prepool_stride(token: str, where: str) -> int:
-    if not token.isdigit() or int(token) < 1:
+    if not (token.isascii() and token.isdigit()) or int(token) < 1:
         raise ValueError(f"Invalid pre-pool stride '{token}' in '{where}': expected an integer >= 1.")
     return int(token)
 
@@ -157,9 +158,9 @@ class ArchSpec:
         if isinstance(strides, (str, int)):
             strides = _parse_strides(str(strides), BACKBONES[name], str(strides))
         strides = tuple(strides)
-        if len(strides) != BACKBONES[name].num_stages or any(not isinstance(s, int) or s < 1 for s in strides):
-            raise ValueError(f"Invalid strides {strides}: {name} takes {BACKBONES[name].num_stages} integers >= 1 "
-                             f"(stock: {BACKBONES[name].stock}).")
+        if len(strides) != BACKBONES[name].num_stages or not all(isinstance(s, int) and 1 <= s <= 9 for s in strides):
+            raise ValueError(f"Invalid strides {strides}: {name} takes {BACKBONES[name].num_stages} integers 1-9, one "
+                             f"digit per stage (stock: {BACKBONES[name].stock}).")
         object.__setattr__(self, 'strides', strides)
         if (self.prepool is None) != (self.prepool_stride is None):
             raise ValueError('A pre-pool needs both prepool and prepool_stride (got '

@@ -189,13 +189,15 @@ def register_family(module: str, backbones: Iterable[str], create_fn: CreateFn) 
                 pool: str = 'skip',
                 strides: Optional[Union[str, int, tuple]] = None,
                 prepool: Optional[str] = None,
-                prepool_stride: int = 4,
+                prepool_stride: Optional[int] = None,
                 _name: str = name,
                 _stock: ArchSpec = stock,
                 **kwargs: Any,
         ) -> nn.Module:
+            if prepool is not None and prepool_stride is None:
+                prepool_stride = 4
             spec = ArchSpec(_stock.backbone, pool, _stock.strides if strides is None else strides, _stock.dynamic,
-                            prepool, prepool_stride if prepool is not None else None)
+                            prepool, prepool_stride)  # a prepool_stride without a prepool is an error there
             cfg = pooled_cfg(spec)
             overlay = dict(pool_size=cfg['pool_size'], description=cfg['description'])
             overlay.update(kwargs.pop('pretrained_cfg_overlay', None) or {})
@@ -214,7 +216,7 @@ def create_model(arch: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
     backbone's generic entrypoint with the architecture as kwargs.
     """
     import timm
-    if timm.is_model(arch):
+    if timm.is_model(arch) or ':' in arch:  # hf-hub:, local-dir: and other timm sources
         return timm.create_model(arch, pretrained=pretrained, **kwargs)
     name, dot, tag = arch.partition('.')
     spec = ArchSpec.parse(name)

@@ -40,12 +40,17 @@ class PooledResNet(ResNet):
             **kwargs: Any,
     ):
         check_output_stride(output_stride)
+        if kwargs.get('avg_down'):
+            raise ValueError('avg_down=True is not supported by pooled ResNets: the stage strides go to the shortcut '
+                             "1x1 conv, which avg_down's shortcut does not stride.")
         super().__init__(block, layers, zero_init_last=zero_init_last, device=device, dtype=dtype, **kwargs)
         dd = {'device': device, 'dtype': dtype}
         self.arch = arch
         pooled = arch.pool.method != 'skip'
+        # a deep stem (stem_type='deep'/'deep_tiered') is a Sequential whose first conv is the strided one
+        stem_conv = self.conv1[0] if isinstance(self.conv1, nn.Sequential) else self.conv1
         if arch.prepool is not None:
-            set_stride(self.conv1, 1)
+            set_stride(stem_conv, 1)
         stages = [getattr(self, f'layer{i + 1}') for i in range(len(arch.strides))]
         for stage, stride in zip(stages, arch.strides):
             blk = stage[0]
@@ -58,7 +63,7 @@ class PooledResNet(ResNet):
         if arch.dynamic:
             convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
         if arch.prepool is not None:
-            self.maxpool = make_pool(arch.prepool, self.conv1.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
+            self.maxpool = make_pool(arch.prepool, self.bn1.num_features, arch.prepool_stride, 1, prepool=True, **dd)
         insert_stage_pools(arch, [stage[0] for stage in stages], self._strided_conv, **dd)
         self.init_weights(zero_init_last=zero_init_last)
         reset_deform_offsets(self)
