@@ -180,6 +180,23 @@ def test_error_paths(exported, tmp_path):
     assert re.search(r'conv_stem.weight checkpoint|unexpected (conv1|layer)', proc.stderr), proc.stderr[-1500:]
 
 
+def test_push_checks_before_touching_the_hub(exported, tmp_path):
+    root, _, _ = exported
+    bad = tmp_path / 'corrupt.safetensors'
+    bad.write_bytes(b'not a safetensors file')
+    with pytest.raises(CheckpointError, match='is not a readable safetensors file'):
+        load_weights(str(bad))
+    # offline, any Hub call fails: the corrupt checkpoint must be reported before the repository is created
+    code = ('import sys\nfrom timm_nlp.hub import push\ntry:\n    push(sys.argv[1], "org/new-model", token="t")\n'
+            'except Exception as e:\n    print(type(e).__name__, e)\n')
+    proc = _offline(tmp_path / 'hf', code, bad)
+    assert proc.stdout.startswith('CheckpointError') and 'not a readable safetensors file' in proc.stdout, proc.stdout
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'push', str(root / 'model.safetensors'), '--repo',
+                           'noslash', '--dry-run', '--out', str(tmp_path / 'out')], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "explicit 'ORG/NAME' repository id, got 'noslash'" in proc.stderr
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, (f'touch {_Payload.marker}',))

@@ -9,7 +9,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from timm.utils import CheckpointSaver
@@ -86,8 +86,11 @@ def load_training_checkpoint(path: str) -> Dict[str, Any]:
 
 def read_metadata(path: str) -> Optional[Dict[str, Any]]:
     """The JSON metadata of a timm-nlp safetensors file, None if it has none."""
-    with safe_open(path, framework='pt') as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(path, framework='pt') as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:  # a corrupt or truncated file
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}).") from None
     return json.loads(meta[_META_KEY]) if _META_KEY in meta else None
 
 

@@ -86,6 +86,8 @@ def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
 
 def export_for_hub(checkpoint: str, out_dir: str, repo_id: str) -> Path:
     """Write exactly what ``push`` uploads: config.json, model.safetensors (timm's save_for_hf) and README.md."""
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"--repo must be an explicit 'ORG/NAME' repository id, got '{repo_id}'.")
     model, meta = _checkpoint_model(checkpoint)
     recipe = meta.get('recipe') or {}
     data_config = {'input_size': (3, recipe['img_size'], recipe['img_size']), 'crop_pct': 1.0} \
@@ -107,12 +109,10 @@ def push(checkpoint: str, repo_id: str, token: Optional[str] = None, private: bo
     token = token or os.environ.get('HF_TOKEN')
     if not token:
         raise ValueError('A real push needs a Hugging Face token: --token or the HF_TOKEN environment variable.')
-    if '/' not in repo_id:
-        raise ValueError(f"--repo must be an explicit 'ORG/NAME' repository id, got '{repo_id}'.")
-    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        export_for_hub(checkpoint, tmp, repo_id)
+        export_for_hub(checkpoint, tmp, repo_id)  # checks the repo id and the checkpoint before the Hub is touched
+        api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         return str(api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message))
 
 
