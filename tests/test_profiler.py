@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import timm_nlp  # noqa: F401
-from timm_nlp.layers import create_pool2d
-from timm_nlp.profiler import activation_profile, count_macs
+from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
+from timm_nlp.profiler import activation_profile, count_macs, profile_model
 
 
 def test_conv_and_linear_macs():
@@ -43,33 +43,45 @@ def _independent_count(model, x):
     """Live bytes of every step of a real forward, counted with hooks independently of the profiler: a leaf
     module holds its input and output; a pooling layer holds its input, importance map (input-sized for the
     weighted poolings, except the per-patch map an un-normalised nlp pool applies after pooling, measured here
-    as the output of its last norm, plus an output-sized copy where it is up-sampled and cropped) and output,
-    and keeps its input alive while its own layers run."""
-    from timm_nlp.layers import GaussianPool2d, WeightedPool2d
-    steps, held, hooks, patch_maps = [], [], [], {}
+    as the output of its last norm, plus an output-sized copy where it is up-sampled and cropped) and output; a
+    dynamic conv its input and output, a deformable conv also the offsets its offset conv gives. While their
+    own layers run, these keep their input alive, counted once (by storage) at each step that neither takes
+    nor gives it."""
+    from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
+    steps, held, hooks, maps = [], [], [], {}
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+
+    def record(name, i, o, extra=0):
+        own = {ptr(i[0]), ptr(o)}
+        kept = {ptr(t): nbytes(t) for t in held if ptr(t) not in own}
+        steps.append((name, nbytes(i[0]) + nbytes(o) + extra + sum(kept.values())))
+
     for name, m in model.named_modules():
-        if isinstance(m, (WeightedPool2d, GaussianPool2d)):
-            hooks.append(m.register_forward_pre_hook(lambda m, i: held.append(nbytes(i[0]))))
+        if isinstance(m, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
+            hooks.append(m.register_forward_pre_hook(lambda m, i: held.append(i[0])))
             if isinstance(m, WeightedPool2d) and m.nlp is not None:
                 hooks.append(m.nlp.restore_norm.register_forward_hook(
-                    lambda mod, i, o, name=name: patch_maps.__setitem__(name, o)))
+                    lambda mod, i, o, name=name: maps.__setitem__(name, o)))
+            if isinstance(m, DeformConv2d):
+                hooks.append(m.offset.register_forward_hook(lambda mod, i, o, name=name: maps.__setitem__(name, o)))
 
-            def pool_hook(m, i, o, name=name):
+            def compound_hook(m, i, o, name=name):
                 held.pop()
                 w = 0
-                if isinstance(m, WeightedPool2d):
+                if isinstance(m, DeformConv2d):
+                    w = nbytes(maps[name])
+                elif isinstance(m, WeightedPool2d):
                     w = nbytes(i[0])
                     after = m.lip is None and not m.win_norm and m.nlp.patch_size % m.stride == 0
                     if after:  # one weight per patch, broadcast over the pooled windows of each patch
-                        t, f = patch_maps[name], m.nlp.patch_size // m.stride
+                        t, f = maps[name], m.nlp.patch_size // m.stride
                         cropped = (t.shape[-2] * f, t.shape[-1] * f) != tuple(o.shape[-2:])
                         w = nbytes(t) + (nbytes(o) if cropped else 0)
-                steps.append((name, nbytes(i[0]) + w + nbytes(o) + sum(held)))
-            hooks.append(m.register_forward_hook(pool_hook))
+                record(name, i, o, w)
+            hooks.append(m.register_forward_hook(compound_hook))
         elif name and not list(m.children()):
-            hooks.append(m.register_forward_hook(
-                lambda m, i, o, name=name: steps.append((name, nbytes(i[0]) + nbytes(o) + sum(held)))))
+            hooks.append(m.register_forward_hook(lambda m, i, o, name=name: record(name, i, o)))
     with torch.no_grad():
         model.eval()(x)
     for h in hooks:
@@ -81,13 +93,56 @@ def _independent_count(model, x):
     ('resnet18', 96), ('mobilenetv2_100', 96), ('resnet18_nlp_headfix2_2222', 96), ('mobilenetv2_lip_4222121', 96),
     ('resnet18_gaussian_pool_4222', 96), ('resnet18_nlp_headfix2_nowin_reduced_2222', 96),
     ('resnet18_nlp_headfix2_nowin_reduced_2222', 100),  # 25 x 25 maps: patches of 8 pad, the weights are cropped
+    ('resnet18_dfmixp_2222', 64), ('dyresnet18_dfmnlp_reduced_1222', 64), ('dymobilenetv2_lip_2222121', 64),
+    ('prepool-nlp_headfix2_nowin_reduced-4-resnet18-skip-1222', 64),
 ])
 def test_profile_equals_independent_count(name, size):
-    model = timm.create_model(name)
+    model = timm_nlp.create_model(name)
     steps = _independent_count(model, torch.randn(1, 3, size, size))
     profile = activation_profile(model, (3, size, size))
     assert [(s.name, s.live_bytes) for s in profile.layers] == steps
     assert profile.peak_bytes == max(b for _, b in steps)
+
+
+def test_dynamic_conv_is_one_step_like_a_conv():
+    """Same activations, same memory: each DynamicConv2d is the step of the conv it replaces, its routing layers
+    (on the pooled input) extra steps that hold its input."""
+    plain = activation_profile(timm.create_model('resnet18_skip_2222'), (3, 64, 64)).layers
+    dy = activation_profile(timm.create_model('dyresnet18_skip_2222'), (3, 64, 64)).layers
+    routing = [s for s in dy if s.name.endswith(('.fc1', '.fc2'))]
+    convs = {s.name: s for s in dy if s.kind == 'DynamicConv2d'}
+    assert len(convs) == 20 and len(routing) == 40
+    steps = [(s.name, s.live_bytes) for s in dy if not s.name.endswith(('.fc1', '.fc2'))]
+    assert steps == [(s.name, s.live_bytes) for s in plain]
+    for s in routing:
+        assert s.held_bytes == convs[s.name.rpartition('.')[0]].in_bytes
+    stage_peak = {n: profile_model(n).stage_peak_bytes for n in ('resnet18_skip_2222', 'dyresnet18_skip_2222')}
+    assert stage_peak['dyresnet18_skip_2222'] == stage_peak['resnet18_skip_2222']
+
+
+def test_pool_input_is_counted_once():
+    """A pre-pool's input is the stem's output and its patch embedding's input: held, but not twice."""
+    name = 'prepool-nlp_headfix2_nowin_reduced-4-resnet18-skip-1222'
+    profile = activation_profile(timm_nlp.create_model(name, device='meta'), (3, 128, 128))
+    embed = next(s for s in profile.layers if s.name == 'maxpool.nlp.patch_embed')
+    assert embed.held_bytes == 0 and embed.live_bytes == (64 * 128 * 128 + 16 * 32 * 32) * 4
+    assert (profile.peak_bytes, profile.peak_layer.name) == (2 * 64 * 128 * 128 * 4, 'bn1')
+
+
+def test_dynamic_and_deformable_conv_macs():
+    C, O, K, hidden, N = 16, 32, 4, 4, 8 * 8  # 3 x 3, stride 2 on 16 x 16
+    conv = O * C * 9 * N
+    # the conv with the mixed kernel; mixing the K kernels and biases; the routing MLP
+    dyn = DynamicConv2d(C, O, 3, stride=2, padding=1, num_kernels=K)
+    assert count_macs(dyn, (C, 16, 16)) == conv + K * O * C * 9 + K * O + C * hidden + hidden * K
+    # the deformable conv counts as a conv, plus its offset conv (2 * 3 * 3 outputs)
+    assert count_macs(DeformConv2d(C, O, 3, stride=2, padding=1), (C, 16, 16)) == conv + 18 * C * 9 * N
+    # a dynamic model: the plain one's MACs, plus one per parameter of its DynamicConv2ds but the routing biases
+    dy = timm.create_model('dyresnet18_skip_2222')
+    extra = sum(p.numel() for m in dy.modules() if isinstance(m, DynamicConv2d)
+                for n, p in m.named_parameters() if n not in ('fc1.bias', 'fc2.bias'))
+    assert count_macs(dy, (3, 64, 64)) == \
+        count_macs(timm.create_model('resnet18_skip_2222'), (3, 64, 64)) + extra
 
 
 @pytest.mark.parametrize('backbone,last,stock', [('resnet18', 'layer1.1.act2', '1222'),

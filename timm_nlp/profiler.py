@@ -39,7 +39,8 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
 
 @dataclass
 class LayerMemory:
-    """One step of layer-by-layer execution."""
+    """One step of layer-by-layer execution: its input, its output (plus the map it computes with, for a pooling
+    layer or a deformable conv) and the tensors held across it that are neither."""
     name: str
     kind: str
     out_shape: Tuple[int, ...]
@@ -70,12 +71,48 @@ class ActivationProfile:
         return max(max(layer.in_bytes, layer.out_bytes) for layer in self.layers)
 
 
-def _nbytes(x) -> int:
+def _tensors(x) -> List[torch.Tensor]:
     if torch.is_tensor(x):
-        return x.numel() * x.element_size()
+        return [x]
     if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
+        return [t for v in x for t in _tensors(v)]
+    return []
+
+
+def _nbytes(x) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(x))
+
+
+def _held_bytes(held: List[Tuple[torch.Tensor, ...]], inputs, output) -> int:
+    """Bytes of the held tensors, each storage once, less those the step takes or gives (counted as such)."""
+    seen = {t.untyped_storage()._cdata for t in _tensors((inputs, output))}  # meta tensors have no data_ptr
+    total = 0
+    for t in _tensors(held):
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += _nbytes(t)
+    return total
+
+
+def _operand_bytes(module: nn.Module, inputs, output: torch.Tensor) -> int:
+    """The map a compound step computes with besides its input: a weighted pooling's importance map (input-sized,
+    or one value per patch where it is applied after pooling), a deformable conv's offsets; else 0."""
+    from timm_nlp.layers import DeformConv2d, WeightedPool2d
+    if isinstance(module, DeformConv2d):
+        B, _, H, W = output.shape
+        return B * 2 * module.weight.shape[-2] * module.weight.shape[-1] * H * W * output.element_size()
+    if not isinstance(module, WeightedPool2d):
+        return 0
+    if not module.weights_after_pooling:
+        return _nbytes(inputs)
+    B, C, H, W = inputs[0].shape
+    p, f = module.nlp.patch_size, module.nlp.patch_size // module.stride
+    Hp, Wp = -(-H // p), -(-W // p)
+    extra = B * C * Hp * Wp * output.element_size()
+    if (Hp * f, Wp * f) != tuple(output.shape[-2:]):  # up-sampled and cropped to the output
+        extra += _nbytes(output)
+    return extra
 
 
 def activation_profile(
@@ -88,49 +125,36 @@ def activation_profile(
 
     A step is a leaf module (a conv, a norm, an activation, a linear layer...). Its live memory is its input
     plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
-    A pooling layer (WeightedPool2d, GaussianPool2d) is also one step, whose live memory adds the importance
-    map it weights with (input-sized, or one value per patch where it is applied after pooling); while its internal
-    steps run, its own input stays live (it is weighted at the end) and is counted as held. Tensors held
-    across other steps (residual shortcuts) are not counted.
+    A compound layer is one step too, after its internal steps: a pooling layer (WeightedPool2d, GaussianPool2d),
+    whose live memory adds the importance map it weights with (input-sized, or one value per patch where it is
+    applied after pooling), and a conv with an internal branch, counted like nn.Conv2d: DynamicConv2d (its K
+    routing weights are negligible; its per-sample mixed kernel is weight-sized and not counted) and DeformConv2d
+    (plus the offset map it samples with). While a compound layer's internal steps run (its importance, routing
+    or offset branch), its input stays live: a step counts it as held unless it takes or gives it (same storage),
+    so a held tensor is never counted twice (an in-place activation or an identity still counts its input and
+    output apart). Tensors held across other steps (residual shortcuts) are not counted.
     """
-    from timm_nlp.layers import GaussianPool2d, WeightedPool2d
+    from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
     meta = copy.deepcopy(model).to(device='meta', dtype=dtype).eval()
     layers: List[LayerMemory] = []
-    held: List[int] = []
+    held: List[Tuple[torch.Tensor, ...]] = []
     hooks = []
 
-    def leaf_hook(name):
+    def step_hook(name: str, compound: bool = False):
         def hook(module, inputs, output):
-            layers.append(LayerMemory(name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
-                                      _nbytes(output), sum(held)))
-        return hook
-
-    def pool_pre_hook(module, inputs):
-        held.append(_nbytes(inputs))
-
-    def pool_hook(name):
-        def hook(module, inputs, output):
-            held.pop()
-            extra = 0  # the importance map w: input-sized, or one value per patch when it is applied after pooling
-            if isinstance(module, WeightedPool2d):
-                extra = _nbytes(inputs)
-                if module.weights_after_pooling:
-                    B, C, H, W = inputs[0].shape
-                    p, f = module.nlp.patch_size, module.nlp.patch_size // module.stride
-                    Hp, Wp = -(-H // p), -(-W // p)
-                    extra = B * C * Hp * Wp * output.element_size()
-                    if (Hp * f, Wp * f) != tuple(output.shape[-2:]):  # up-sampled and cropped to the output
-                        extra += _nbytes(output)
-            layers.append(LayerMemory(name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
-                                      _nbytes(output) + extra, sum(held)))
+            if compound:
+                held.pop()
+            layers.append(LayerMemory(
+                name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
+                _nbytes(output) + _operand_bytes(module, inputs, output), _held_bytes(held, inputs, output)))
         return hook
 
     for name, module in meta.named_modules():
-        if isinstance(module, (WeightedPool2d, GaussianPool2d)):
-            hooks.append(module.register_forward_pre_hook(pool_pre_hook))
-            hooks.append(module.register_forward_hook(pool_hook(name)))
+        if isinstance(module, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
+            hooks.append(module.register_forward_pre_hook(lambda m, inputs: held.append(inputs)))
+            hooks.append(module.register_forward_hook(step_hook(name, compound=True)))
         elif not any(True for _ in module.children()) and name:
-            hooks.append(module.register_forward_hook(leaf_hook(name)))
+            hooks.append(module.register_forward_hook(step_hook(name)))
     with torch.no_grad():
         meta(torch.empty(batch_size, *input_size, device='meta', dtype=dtype))
     for h in hooks:
