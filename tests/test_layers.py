@@ -10,8 +10,8 @@ from torch.nn import functional as F
 from reference import PlainNlpPool, window_pool
 from timm_nlp.grammar import POOL_METHODS, PoolSpec
 from timm_nlp.layers import (
-    DeformConv2d, GaussianPool2d, SelfAttentiveImportance, WeightedPool2d, create_pool2d, nlp_defaults, scale_by_patches,
-    upsample_patches, window_avg_pool2d)
+    DeformConv2d, GaussianPool2d, SelfAttentiveImportance, WeightedPool2d, create_pool2d, nlp_defaults,
+    scale_by_patches, upsample_patches, window_avg_pool2d)
 
 SIZES = list(range(1, 10)) + [31, 32, 33, 56, 57]
 WIN_NORM = ['lip', 'nlp', 'nlp_headfix2', 'nlp_reduced', 'dfmnlp', 'dfmnlp_reduced', 'mixp', 'dfmixp_headfix2_reduced']

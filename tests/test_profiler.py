@@ -130,13 +130,13 @@ def test_pool_input_is_counted_once():
 
 
 def test_dynamic_and_deformable_conv_macs():
-    C, O, K, hidden, N = 16, 32, 4, 4, 8 * 8  # 3 x 3, stride 2 on 16 x 16
-    conv = O * C * 9 * N
+    C, Co, K, hidden, N = 16, 32, 4, 4, 8 * 8  # 3 x 3, stride 2 on 16 x 16
+    conv = Co * C * 9 * N
     # the conv with the mixed kernel; mixing the K kernels and biases; the routing MLP
-    dyn = DynamicConv2d(C, O, 3, stride=2, padding=1, num_kernels=K)
-    assert count_macs(dyn, (C, 16, 16)) == conv + K * O * C * 9 + K * O + C * hidden + hidden * K
+    dyn = DynamicConv2d(C, Co, 3, stride=2, padding=1, num_kernels=K)
+    assert count_macs(dyn, (C, 16, 16)) == conv + K * Co * C * 9 + K * Co + C * hidden + hidden * K
     # the deformable conv counts as a conv, plus its offset conv (2 * 3 * 3 outputs)
-    assert count_macs(DeformConv2d(C, O, 3, stride=2, padding=1), (C, 16, 16)) == conv + 18 * C * 9 * N
+    assert count_macs(DeformConv2d(C, Co, 3, stride=2, padding=1), (C, 16, 16)) == conv + 18 * C * 9 * N
     # a dynamic model: the plain one's MACs, plus one per parameter of its DynamicConv2ds but the routing biases
     dy = timm.create_model('dyresnet18_skip_2222')
     extra = sum(p.numel() for m in dy.modules() if isinstance(m, DynamicConv2d)

@@ -223,6 +223,114 @@ def test_image_folder_training(tmp_path):
     assert meta['state_dict']['classifier.weight'].shape[0] == 3
 
 
+# an architecture string that is not a registered name; lr 0.003 over 9 steps puts the model near 89% top-1 and its
+# EMA (decay 0.998) near chance, so a metric or weights of the wrong one show
+EMA_RUN = ['compare', '--models', 'resnet18-lip-4422', '--model-ema', '--val-split', 'val', '--epochs', '1', '-b', '4',
+           '--lr', '0.003', '--img-size', '16', '--no-progress']
+
+
+def _table(stdout: str):
+    return [[c.strip() for c in r.split('|')[1:-1]] for r in stdout.splitlines() if r.startswith('| resnet18')]
+
+
+@pytest.fixture(scope='module')
+def ema_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ema')
+    data = _image_folder(root / 'data', per_class=12, size=16)
+    proc = _cli(*EMA_RUN, '--data-dir', data, '--output', root / 'cmp')
+    return data, root / 'cmp', proc.stdout
+
+
+@pytest.mark.slow
+def test_compare_trains_an_architecture_string(ema_run):
+    data, out, stdout = ema_run
+    (row,) = _table(stdout)
+    assert row[0] == 'resnet18-lip-4422' and Path(row[8]).is_file()
+    assert float(row[4]) == 32  # profiled at 16x16: the stem norm's 64 x 8 x 8 float32 input and output
+    assert float(row[1]) == pytest.approx(float(_summary(out / 'resnet18-lip-4422')[-1]['eval_top1']), abs=5e-3)
+
+
+@pytest.mark.slow
+def test_ema_run_exports_and_scores_the_ema_weights(ema_run):
+    from timm.data import create_dataset, create_loader, resolve_data_config
+    from timm_nlp import create_model
+    from timm_nlp.checkpoint import load_weights, read_metadata
+    data, out, _ = ema_run
+    run = out / 'resnet18-lip-4422'
+    (row,) = _summary(run)
+    meta = read_metadata(str(run / 'model.safetensors'))
+    assert meta['top1'] == float(row['eval_ema_top1']) != float(row['eval_top1'])
+    ema = load_training_checkpoint(str(run / 'model_best.safetensors'))['state_dict_ema']
+    weights = load_weights(str(run / 'model.safetensors'))
+    assert all(torch.equal(weights[k], v) for k, v in ema.items())
+    model = create_model('resnet18-lip-4422', num_classes=3)
+    model.load_state_dict(weights)
+    cfg = resolve_data_config(dict(input_size=(3, 16, 16)), model=model)
+    loader = create_loader(create_dataset('', root=str(data / 'val')), input_size=cfg['input_size'], batch_size=4,
+                           crop_pct=1.0, mean=cfg['mean'], std=cfg['std'], interpolation=cfg['interpolation'],
+                           use_prefetcher=False)
+    with torch.no_grad():
+        correct = sum((model.eval()(x).argmax(1) == y).sum().item() for x, y in loader)
+    assert 100 * correct / 36 == pytest.approx(meta['top1'])
+
+
+@pytest.mark.slow
+def test_last_checkpoint_records_recipe_and_its_metrics(ema_run, tmp_path):
+    from timm_nlp.hub import export_for_hub
+    _, out, _ = ema_run
+    run = out / 'resnet18-lip-4422'
+    (row,) = _summary(run)
+    card = (export_for_hub(str(run / 'last.safetensors'), str(tmp_path / 'hub'), 'org/x') / 'README.md').read_text()
+    # last.safetensors pushes its state_dict (not the EMA): the card scores that model, at the trained size
+    assert f"| top-1 on data | {float(row['eval_top1']):.2f} % |" in card
+    assert '| MACs @16x16 |' in card and '- img_size: 16' in card and '- model_ema: True' in card
+    assert load_training_checkpoint(str(run / 'last.safetensors'))['label_names'] == ['class0', 'class1', 'class2']
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_returns_its_recorded_results(ema_run):
+    data, out, stdout = ema_run
+    proc = _cli(*EMA_RUN, '--data-dir', data, '--output', out)
+    assert re.search(r'Resumed from .*last.safetensors. at epoch 1 of 1', proc.stderr)
+    assert _table(proc.stdout) == _table(stdout)  # metrics, throughput and weights of the finished run
+
+
+def test_initial_checkpoint_of_another_class_count_resets_the_head(tmp_path):
+    import argparse
+    from timm_nlp.checkpoint import save_weights
+    from timm_nlp.trainer import _build_model, add_train_args
+    src = timm.create_model('resnet18_lip_2222', num_classes=3, in_chans=1)
+    save_weights(str(tmp_path / 'c3.safetensors'), src.state_dict())
+    args = add_train_args(argparse.ArgumentParser()).parse_args(
+        ['--model', 'resnet18_lip_2222', '--initial-checkpoint', str(tmp_path / 'c3.safetensors')])
+    torch.manual_seed(0)
+    model = _build_model(args, 10)
+    torch.manual_seed(0)
+    assert torch.equal(model.fc.weight, timm.create_model('resnet18_lip_2222', num_classes=10).fc.weight)  # init
+    assert torch.allclose(model.conv1.weight, src.conv1.weight.repeat(1, 3, 1, 1) / 3)  # 1-channel stem, as timm does
+    loaded = {k: v for k, v in src.state_dict().items() if not k.startswith(('fc.', 'conv1.'))}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded.items())
+
+
+def test_initial_checkpoint_of_another_architecture_fails_before_training(tmp_path):
+    from timm_nlp.checkpoint import save_weights
+    save_weights(str(tmp_path / 'skip.safetensors'), timm.create_model('resnet18_skip_1222').state_dict())
+    proc = _cli('train', '--model', 'resnet18_lip_2222', '--initial-checkpoint', tmp_path / 'skip.safetensors',
+                '--output', tmp_path / 'out', check=False, timeout=120)
+    assert proc.returncode == 2 and 'Checkpoint does not match resnet18-lip-2222' in proc.stderr, proc.stderr[-2000:]
+    assert 'layer1.0.aa' in proc.stderr and not (tmp_path / 'out').exists()
+
+
+def test_process_device_under_torchrun(monkeypatch):
+    from timm_nlp.trainer import process_device
+    monkeypatch.setenv('WORLD_SIZE', '4')
+    monkeypatch.setenv('LOCAL_RANK', '3')
+    # each process of a node takes the GPU of its local rank, as in timm's train.py; an explicit index is kept
+    assert [process_device(d) for d in ('cuda', 'cuda:1', 'cpu')] == ['cuda:3', 'cuda:1', 'cpu']
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    assert process_device('cuda') == 'cuda'
+
+
 def _write_stl10_binary(root: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
     """STL-10's layout written from its definition: byte c*96*96 + w*96 + h of each image is pixel (h, w, c)."""
     n = len(images)

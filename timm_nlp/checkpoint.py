@@ -133,16 +133,20 @@ def load_weights(path: str, use_ema: bool = False) -> Dict[str, torch.Tensor]:
 
 
 class SafetensorsCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver (top-k history, ``last``/``model_best`` files, recovery) writing safetensors."""
+    """timm's CheckpointSaver (top-k history, ``last``/``model_best`` files, recovery) writing safetensors.
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    ``metadata`` (a dict, updatable between saves) is merged into the metadata of every checkpoint it writes.
+    """
+
+    def __init__(self, *args: Any, metadata: Optional[Dict[str, Any]] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.extension = '.safetensors'
+        self.metadata = dict(metadata or {})
 
     def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
         meta = dict(epoch=epoch, arch=getattr(self.args, 'model', type(unwrap_model(self.model)).__name__),
                     version=2, metric=metric, saver=self.state_dict(epoch, metric),
-                    args=vars(self.args) if self.args is not None else None)
+                    args=vars(self.args) if self.args is not None else None, **self.metadata)
         if self.task is not None:
             state = self.task.get_checkpoint_state(unwrap_fn=self.unwrap_fn)
             ema = self.task.get_checkpoint_state(ema=True, unwrap_fn=self.unwrap_fn).get('state_dict_ema')

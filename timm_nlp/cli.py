@@ -16,8 +16,8 @@ COMPARE_MODELS = (
 
 
 def _compare(args: argparse.Namespace) -> List[dict]:
-    import timm
     import torch
+    from .models import create_model
     from .profiler import activation_profile
     from .trainer import parse_models, train
     results = []
@@ -28,8 +28,8 @@ def _compare(args: argparse.Namespace) -> List[dict]:
         if result.get('output') is None:  # a non-zero rank under torchrun
             continue
         size = (3, args.img_size, args.img_size)
-        result['peak_kib'] = activation_profile(timm.create_model(name, device='meta'), size).peak_bytes / 1024
-        stage1 = timm.create_model(name, features_only=True, out_indices=(1,), device='meta').eval()
+        result['peak_kib'] = activation_profile(create_model(name, device='meta'), size).peak_bytes / 1024
+        stage1 = create_model(name, features_only=True, out_indices=(1,), device='meta').eval()
         result['stage1_kib'] = stage1(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
         results.append(result)
     if results:

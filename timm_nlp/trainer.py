@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 import timm
 from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.models import adapt_input_conv
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationEvaluator, ClassificationTask, evaluation_sample_limit
@@ -26,9 +27,9 @@ from timm.utils import random_seed, update_summary
 from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, save_weights
 from .grammar import ArchSpec
 from .layers import DynamicConv2d, set_dynamic_temperature
-from .models import create_model, load_stock_source
+from .models import checkpoint_filter_fn, create_model, load_stock_source
 
-__all__ = ['add_train_args', 'train', 'DigitsDataset', 'resolve_datasets']
+__all__ = ['add_train_args', 'train', 'DigitsDataset', 'resolve_datasets', 'process_device']
 
 _logger = logging.getLogger('timm_nlp.train')
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
@@ -138,12 +139,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--hflip', type=float, default=None, help='flip probability (default 0.5; 0 for digits)')
     parser.add_argument('--scale', type=float, nargs=2, default=None,
                         help='random-resized-crop scale range (default 0.08 1; 0.6 1 for digits)')
-    parser.add_argument('--model-ema', action='store_true')
+    parser.add_argument('--model-ema', action='store_true',
+                        help='keep an EMA of the weights; its eval ranks checkpoints, model.safetensors holds it')
     parser.add_argument('--model-ema-decay', type=float, default=0.998)
     parser.add_argument('--stock-weights', default='',
                         help='start from stock timm weights of the base model: a timm name with tag (from the Hub, '
                              'e.g. resnet18.a1_in1k) or a checkpoint file; the pooling modules keep their init')
-    parser.add_argument('--initial-checkpoint', default='', help='start from these weights (safetensors)')
+    parser.add_argument('--initial-checkpoint', default='',
+                        help='start from these weights; a classifier of another class count keeps its init')
     parser.add_argument('--resume', default='auto',
                         help="'auto': continue from OUTPUT/last.safetensors if present; 'none'; or a file")
     parser.add_argument('--dy-anneal-epochs', type=int, default=10,
@@ -156,10 +159,20 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def process_device(device: str) -> str:
+    """The device of this process: under torchrun, a plain ``cuda`` is the GPU of its LOCAL_RANK (as in timm's
+    train.py), so that the processes of a node do not all share the first GPU."""
+    if device == 'cuda' and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 def _init_distributed(device: str) -> Tuple[bool, int, int]:
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world <= 1:
         return False, 0, 1
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     return True, dist.get_rank(), dist.get_world_size()
@@ -204,14 +217,29 @@ def _build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
             raise ValueError('--stock-weights applies to timm-nlp pooled models only.')
         load_stock_source(model, args.stock_weights)
     if args.initial_checkpoint:
-        model.load_state_dict(load_weights(args.initial_checkpoint))
+        _load_initial_checkpoint(model, args.initial_checkpoint)
     return model
+
+
+def _load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load ``--initial-checkpoint`` weights as published weights load (``checkpoint_filter_fn``).
+
+    A classifier of another class count keeps its initialisation (reset, as timm does); a first conv of another
+    ``in_chans`` is adapted; a checkpoint of another architecture raises a ValueError naming the tensors.
+    """
+    target = model.state_dict()
+    state_dict = {k: adapt_input_conv(target[k].shape[1], v, base_chans=v.shape[1]) if v.shape != target[k].shape
+                  else v for k, v in checkpoint_filter_fn(load_weights(path), model).items()}
+    model.load_state_dict(state_dict, strict=False)
+    reset = [k for k in target if k not in state_dict]
+    if reset:
+        _logger.warning(f"'{path}' has another class count: {', '.join(reset)} keep their initialisation")
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Train one model; returns its final metrics, sizes, throughput and checkpoint paths."""
-    distributed, rank, world = _init_distributed(args.device)
-    device = torch.device(args.device)
+    device = torch.device(process_device(args.device))
+    distributed, rank, world = _init_distributed(str(device))
     random_seed(args.seed)
     train_ds, eval_ds, num_classes = resolve_datasets(args)
     model = _build_model(args, num_classes).to(device)
@@ -237,13 +265,21 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         updates_per_epoch=len(train_loader))
     dynamic = any(isinstance(m, DynamicConv2d) for m in model.modules())
 
+    # with EMA, checkpoints are ranked (and model.safetensors is chosen and scored) by the EMA eval, as in timm
+    eval_metric = 'ema_top1' if task.has_ema() else 'top1'
+    export_meta = dict(architecture=args.model, num_classes=num_classes, label_names=_label_names(train_ds),
+                       recipe=_recipe(args, train_ds))
     start_epoch = 0
+    metrics: Dict[str, float] = {}
+    train_ips = eval_ips = 0.
     resume = _resume_path(args)
     saver = None
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
+        # every checkpoint describes itself (timm-nlp push) and records its epoch's results (returned on a rerun)
         saver = SafetensorsCheckpointSaver(model, optimizer, args=args, task=task, checkpoint_dir=args.output,
-                                           recovery_dir=args.output, max_history=args.checkpoint_hist)
+                                           recovery_dir=args.output, max_history=args.checkpoint_hist,
+                                           metadata=export_meta)
     if resume:
         ckpt = load_training_checkpoint(resume)
         if ckpt.get('arch') not in (None, args.model):
@@ -253,6 +289,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             task.load_checkpoint_state(ckpt['state_dict_ema'], ema=True)
         optimizer.load_state_dict(ckpt['optimizer'])
         start_epoch = ckpt['epoch'] + 1
+        if start_epoch >= num_epochs:  # a finished run: return the results its checkpoint recorded
+            if 'metrics' not in ckpt:
+                raise ValueError(f"'{resume}' ends a finished {start_epoch}-epoch run but records no metrics (written "
+                                 'by an older timm-nlp); use another --output, or more --epochs to continue it.')
+            metrics, train_ips, eval_ips = ckpt['metrics'], ckpt['train_img_s'], ckpt['eval_img_s']
         if saver is not None:
             saver.load_state_dict_from_checkpoint(resume)
         if rank == 0:
@@ -262,8 +303,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if start_epoch > 0:
         scheduler.step(start_epoch)
 
-    metrics: Dict[str, float] = {}
-    train_ips = eval_ips = 0.
     for epoch in range(start_epoch, num_epochs):
         # epoch-seeded shuffling and augmentation (torch, numpy, python): a resumed run replays the same epochs
         random_seed(args.seed + epoch, rank)
@@ -277,7 +316,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         if task.has_ema():
             ema_metrics, _ = _evaluate(task.get_eval_model(ema=True), eval_loader, device, distributed)
             metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
-        scheduler.step(epoch + 1, metrics['top1'])
+        scheduler.step(epoch + 1, metrics[eval_metric])
         if rank == 0:
             lr = optimizer.param_groups[0]['lr']
             _logger.info(f"epoch {epoch + 1}/{num_epochs}  train_loss {train_metrics['loss']:.4f}  "
@@ -285,7 +324,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                          f"lr {lr:.2e}  train {train_ips:.0f} img/s")
             update_summary(epoch, train_metrics, metrics, os.path.join(args.output, 'summary.csv'), lr=lr,
                            write_header=epoch == 0)
-            saver.save_checkpoint(epoch, metric=metrics['top1'])
+            # top1: the eval of the file's state_dict (what push exports); metric: what ranks the checkpoints
+            saver.metadata.update(top1=metrics['top1'], metrics=metrics, train_img_s=train_ips, eval_img_s=eval_ips)
+            saver.save_checkpoint(epoch, metric=metrics[eval_metric])
     digest = weights_digest(model)
     _logger.info(f'rank {rank} final weights sha256 {digest}')
     result = dict(model=args.model, epochs=num_epochs, start_epoch=start_epoch, weights_sha256=digest,
@@ -297,9 +338,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             ckpt = load_training_checkpoint(best)
             weights = ckpt.get('state_dict_ema') if args.model_ema else ckpt['state_dict']
             save_weights(os.path.join(args.output, 'model.safetensors'), weights,
-                         dict(architecture=args.model, num_classes=num_classes, epoch=ckpt['epoch'],
-                              top1=ckpt.get('metric'), label_names=_label_names(train_ds),
-                              recipe=_recipe(args, train_ds)))
+                         dict(export_meta, epoch=ckpt['epoch'], top1=ckpt.get('metric')))
             result.update(best_top1=saver.best_metric, best_epoch=saver.best_epoch, output=args.output,
                           weights=os.path.join(args.output, 'model.safetensors'))
     if distributed:

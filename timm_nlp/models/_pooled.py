@@ -195,8 +195,8 @@ def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
     if head:
         state_dict = {k: v for k, v in state_dict.items()
                       if not (k.startswith(head + '.') and k in target and target[k].shape != v.shape)}
-    stems = {k: adapt_input_conv(target[k].shape[1], state_dict[k]) for k in _first_conv_keys(model)
-             if k in state_dict and k in target and state_dict[k].ndim == 4
+    stems = {k: adapt_input_conv(target[k].shape[1], state_dict[k], base_chans=state_dict[k].shape[1])
+             for k in _first_conv_keys(model) if k in state_dict and k in target and state_dict[k].ndim == 4
              and state_dict[k].shape[1] != target[k].shape[1]}
     adapted, report = adapt_stock_state_dict(dict(state_dict, **stems), model)
     if report.mismatched or report.unused:
