@@ -277,7 +277,7 @@ def test_gaussian_pool_low_precision_keeps_window_std(dtype, autocast):
 
 
 def test_deform_conv_bf16_on_cpu():
-    # torchvision has no bf16 CPU kernel for deform_conv2d: the layer runs it in fp32 and returns bf16, the same
+    # torchvision has no bf16 kernel for deform_conv2d: the layer runs it in fp32 and returns bf16, the same
     # values as the fp32 layer with the bf16 weights, on the bf16 input, up to bf16 rounding
     torch.manual_seed(0)
     m = DeformConv2d(8, 8, 3, padding=1).to(torch.bfloat16)

@@ -252,6 +252,21 @@ def test_checkpoint_filter_names_missing_tensors():
         checkpoint_filter_fn(timm.create_model('resnet18_skip_1222').state_dict(), model)
     same = timm.create_model('resnet18_lip_2222').state_dict()
     assert checkpoint_filter_fn(same, model).keys() == same.keys() - {'fc.weight', 'fc.bias'}
+    # what torch's strict loading accepts passes: no BN counters; a model without a head (num_classes=0)
+    counters = {k for k in same if k.endswith('num_batches_tracked')}
+    assert counters and checkpoint_filter_fn({k: v for k, v in same.items() if k not in counters}, model).keys() == \
+        same.keys() - counters - {'fc.weight', 'fc.bias'}
+    headless = timm.create_model('resnet18_lip_2222', num_classes=0)
+    assert checkpoint_filter_fn(same, headless).keys() == same.keys() - {'fc.weight', 'fc.bias'}
+
+
+def test_checkpoint_filter_adapts_a_dynamic_stem_to_in_chans():
+    # the routing layer of a dynamic stem reads the input's channel means: RGB summed for one channel, like the conv
+    # (whose weight timm adapts after the filter)
+    rgb = timm.create_model('dymobilenetv2_lip_2222121').state_dict()
+    out = checkpoint_filter_fn(rgb, timm.create_model('dymobilenetv2_lip_2222121', in_chans=1))
+    torch.testing.assert_close(out['conv_stem.fc1.weight'], rgb['conv_stem.fc1.weight'].sum(1, keepdim=True))
+    assert torch.equal(out['conv_stem.weight'], rgb['conv_stem.weight'])
 
 
 def test_prepool_replaces_the_stem_downsampling():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from torch import nn
 import yaml
 from PIL import Image
 
@@ -295,6 +296,31 @@ def test_rerun_of_a_finished_run_returns_its_recorded_results(ema_run):
     assert _table(proc.stdout) == _table(stdout)  # metrics, throughput and weights of the finished run
 
 
+@pytest.mark.slow
+def test_resume_of_a_run_ranked_by_another_metric(ema_run, tmp_path):
+    import json
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    data, out, _ = ema_run
+    shutil.copytree(out, tmp_path / 'cmp')
+    run = tmp_path / 'cmp' / 'resnet18-lip-4422'
+    # last.safetensors as an older timm-nlp wrote it: the EMA run's checkpoints ranked by the model's own top1
+    with safe_open(str(run / 'last.safetensors'), framework='pt') as f:
+        meta = json.loads(f.metadata()['timm_nlp'])
+    assert meta.pop('eval_metric') == 'ema_top1'
+    top1 = meta['metrics']['top1']
+    meta['saver'].update(best_metric=top1, checkpoint_files=[[n, top1] for n, _ in meta['saver']['checkpoint_files']])
+    save_file(load_file(str(run / 'last.safetensors')), str(run / 'last.safetensors'),
+              metadata={'timm_nlp': json.dumps(meta)})
+    i = EMA_RUN.index('--epochs') + 1
+    proc = _cli(*EMA_RUN[:i], '2', *EMA_RUN[i + 1:], '--data-dir', data, '--output', tmp_path / 'cmp')  # one more
+    assert 'ranked its checkpoints by top1; this run ranks by ema_top1' in proc.stderr
+    rows = _summary(run)
+    best = load_training_checkpoint(str(run / 'model_best.safetensors'))
+    assert len(rows) == 2 and best['epoch'] == 1 and best['metric'] == float(rows[1]['eval_ema_top1'])
+
+
 def test_initial_checkpoint_of_another_class_count_resets_the_head(tmp_path):
     import argparse
     from timm_nlp.checkpoint import save_weights
@@ -321,14 +347,22 @@ def test_initial_checkpoint_of_another_architecture_fails_before_training(tmp_pa
     assert 'layer1.0.aa' in proc.stderr and not (tmp_path / 'out').exists()
 
 
+def test_saver_metadata_cannot_shadow_its_own_keys(tmp_path):
+    from timm_nlp.checkpoint import SafetensorsCheckpointSaver
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"metadata keys \['epoch'\] are written by the saver itself"):
+        SafetensorsCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
+                                   metadata=dict(epoch=9, recipe={}))
+
+
 def test_process_device_under_torchrun(monkeypatch):
     from timm_nlp.trainer import process_device
     monkeypatch.setenv('WORLD_SIZE', '4')
     monkeypatch.setenv('LOCAL_RANK', '3')
-    # each process of a node takes the GPU of its local rank, as in timm's train.py; an explicit index is kept
-    assert [process_device(d) for d in ('cuda', 'cuda:1', 'cpu')] == ['cuda:3', 'cuda:1', 'cpu']
+    # each process of a node takes the GPU of its local rank, whatever index was given, as in timm's train.py
+    assert [process_device(d) for d in ('cuda', 'cuda:0', 'cpu')] == ['cuda:3', 'cuda:3', 'cpu']
     monkeypatch.setenv('WORLD_SIZE', '1')
-    assert process_device('cuda') == 'cuda'
+    assert [process_device(d) for d in ('cuda', 'cuda:1')] == ['cuda', 'cuda:1']
 
 
 def _write_stl10_binary(root: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:

@@ -141,6 +141,9 @@ class SafetensorsCheckpointSaver(CheckpointSaver):
     def __init__(self, *args: Any, metadata: Optional[Dict[str, Any]] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.extension = '.safetensors'
+        reserved = {'epoch', 'arch', 'version', 'metric', 'saver', 'args'} & set(metadata or {})
+        if reserved:
+            raise ValueError(f'metadata keys {sorted(reserved)} are written by the saver itself.')
         self.metadata = dict(metadata or {})
 
     def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:

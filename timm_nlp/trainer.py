@@ -160,9 +160,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def process_device(device: str) -> str:
-    """The device of this process: under torchrun, a plain ``cuda`` is the GPU of its LOCAL_RANK (as in timm's
-    train.py), so that the processes of a node do not all share the first GPU."""
-    if device == 'cuda' and int(os.environ.get('WORLD_SIZE', '1')) > 1:
+    """The device of this process: under torchrun, a CUDA device is the GPU of its LOCAL_RANK, whatever index was
+    given (as in timm's train.py), so that the processes of a node do not all share one GPU."""
+    if device.startswith('cuda') and int(os.environ.get('WORLD_SIZE', '1')) > 1:
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return device
 
@@ -279,7 +279,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         # every checkpoint describes itself (timm-nlp push) and records its epoch's results (returned on a rerun)
         saver = SafetensorsCheckpointSaver(model, optimizer, args=args, task=task, checkpoint_dir=args.output,
                                            recovery_dir=args.output, max_history=args.checkpoint_hist,
-                                           metadata=export_meta)
+                                           metadata=dict(export_meta, eval_metric=eval_metric))
     if resume:
         ckpt = load_training_checkpoint(resume)
         if ckpt.get('arch') not in (None, args.model):
@@ -294,8 +294,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 raise ValueError(f"'{resume}' ends a finished {start_epoch}-epoch run but records no metrics (written "
                                  'by an older timm-nlp); use another --output, or more --epochs to continue it.')
             metrics, train_ips, eval_ips = ckpt['metrics'], ckpt['train_img_s'], ckpt['eval_img_s']
-        if saver is not None:
+        if saver is not None and ckpt.get('eval_metric', 'top1') == eval_metric:
             saver.load_state_dict_from_checkpoint(resume)
+        elif saver is not None:  # the run's earlier checkpoints were ranked by another metric (e.g. older timm-nlp)
+            _logger.warning(f"'{resume}' ranked its checkpoints by {ckpt.get('eval_metric', 'top1')}; this run ranks "
+                            f'by {eval_metric}: the best checkpoint is chosen among the epochs from here on.')
         if rank == 0:
             _logger.info(f"Resumed from '{resume}' at epoch {start_epoch} of {num_epochs}")
     if distributed:

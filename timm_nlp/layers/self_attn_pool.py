@@ -29,7 +29,8 @@ def upsample_patches(t: torch.Tensor, size: Tuple[int, int], factor: int) -> tor
 
     ``nearest-exact`` samples at pixel centres, which for an integer factor is the same map as ``nearest``, but
     stays exact where ``nearest``'s ``floor(i * float32(1 / factor))`` picks the previous patch (factor 41, 47, ...).
-    Traced for ONNX, which has no export of it, ``nearest`` becomes a ``Resize`` that divides by the factor: exact.
+    Traced (for ONNX, which has no export of it), ``nearest`` is kept: ONNX's ``Resize`` divides by the factor, which
+    is exact; a ``torch.jit.trace`` graph keeps ``nearest``'s rounding at such factors (far above the paper's).
     """
     if factor > 1:
         mode = 'nearest' if torch.jit.is_tracing() else 'nearest-exact'
@@ -78,12 +79,12 @@ class DeformConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does; it has
-        # no bf16 CPU kernel either, so bf16 runs in fp32 there and the output is cast back.
+        # no bf16 kernel (CPU or CUDA) either, so bf16 runs in fp32 and the output is cast back.
         # NaN offsets crash its kernel (segfault), so they become 0; a NaN input still gives a NaN output.
         # Its CUDA backward fails ("internal overlap") on the weight of a 1x1 kernel in channels-last strides, which
         # .contiguous() keeps (size-1 dims): the kernel gets an NCHW-strided copy.
         dtype = self.weight.dtype
-        compute = torch.float32 if dtype == torch.bfloat16 and x.device.type == 'cpu' else dtype
+        compute = torch.float32 if dtype == torch.bfloat16 else dtype
         offset = torch.nan_to_num(self.offset(x).to(compute))
         bias = self.bias.to(compute) if self.bias is not None else None
         out = deform_conv2d(

@@ -177,10 +177,11 @@ def _first_conv_keys(model: nn.Module) -> List[str]:
 
 
 def _input_conv_mismatches(model: nn.Module, report: TransferReport) -> List[str]:
-    """The keys of the mismatches that are only the input channels of the model's first conv (``in_chans``)."""
-    keys = _first_conv_keys(model)
+    """The keys of the mismatches that are only the input channels (``in_chans``) of the model's first conv, or of
+    the routing layer of a dynamic first conv (it reads the input's channel means)."""
+    keys = {k for w in _first_conv_keys(model) for k in (w, w[:-len('weight')] + 'fc1.weight')}
     return [k for k, a, b in report.mismatched
-            if k in keys and len(a) == len(b) == 4 and a[0] == b[0] and a[2:] == b[2:]]
+            if k in keys and len(a) == len(b) and len(a) in (2, 4) and a[0] == b[0] and a[2:] == b[2:]]
 
 
 def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> TransferReport:
@@ -244,16 +245,23 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
             break
     adapted, report = adapt_stock_state_dict(state_dict, model)
     head = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
+    is_head = lambda k: bool(head) and k.startswith(head + '.')  # noqa: E731
+    target = model.state_dict()
     in_conv = _input_conv_mismatches(model, report)
-    adapted.update({k: state_dict[k] for k in in_conv})  # timm adapts it to the model's in_chans after this filter
-    wrong = [m for m in report.mismatched if not (head and m[0].startswith(head + '.')) and m[0] not in in_conv]
-    # a classifier of another class count is reported mismatched, not missing: a missing tensor is always an error
-    missing = [k for k in report.new if k not in {m[0] for m in report.mismatched}]
-    if wrong or report.unused or missing:
+    for k in in_conv:
+        # timm adapts the first conv's weight to the model's in_chans after this filter; a routing layer is done here
+        w = state_dict[k]
+        adapted[k] = w if w.ndim == 4 else \
+            adapt_input_conv(target[k].shape[1], w[..., None, None], base_chans=w.shape[1])[..., 0, 0]
+    # a classifier of another class count (or none, num_classes=0) is dropped here; timm then resets the head
+    wrong = [m for m in report.mismatched if not is_head(m[0]) and m[0] not in in_conv]
+    unused = [k for k in report.unused if not is_head(k)]
+    # torch's strict loading fills in the BN counters itself
+    missing = [k for k in report.new if k not in {m[0] for m in report.mismatched} and not is_head(k)
+               and not k.endswith('num_batches_tracked')]
+    if wrong or unused or missing:
         arch = getattr(model, 'arch', None)
         raise ValueError(f'Checkpoint does not match {arch.seed if arch else type(model).__name__}: '
                          + ', '.join([f'{k} checkpoint {a} vs model {b}' for k, a, b in wrong[:8]]
-                                     + [f'unexpected {k}' for k in report.unused[:8]]
-                                     + [f'missing {k}' for k in missing[:8]]))
-    # a classifier of another class count is dropped here; timm then resets the head (num_classes differs)
+                                     + [f'unexpected {k}' for k in unused[:8]] + [f'missing {k}' for k in missing[:8]]))
     return adapted
