@@ -4,12 +4,14 @@ Written from ../shared/DESIGN.md §1 with ``nn.MultiheadAttention`` (materialise
 paper's code), explicit window sums and up-sampling by repetition. The reference shares the parameter
 objects of the module under test, so both see the same weights and their gradients can be compared.
 """
+import copy
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d as TvDeformConv2d
 
-from timm_nlp.layers import DeformConv2d, WeightedPool2d
+from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
 
 
 def window_pool(x: torch.Tensor, w: torch.Tensor, s: int, win_norm: bool) -> torch.Tensor:
@@ -64,3 +66,42 @@ class PlainNlpPool(nn.Module):
         if self.lip is not None:
             logit = logit * torch.sigmoid(self.lip.norm(self.lip.conv(x)))
         return window_pool(x, torch.exp(logit), self.stride, self.win_norm)
+
+
+def randomize_norms(m: nn.Module, seed: int = 0) -> None:
+    """Give BN layers non-trivial statistics and affine parameters, so eval differs from train."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+
+
+def randomize_model(model: nn.Module) -> nn.Module:
+    """Random BN parameters and statistics, deformable offsets and larger dynamic kernels, so every branch reaches
+    the logits: timm zero-initialises the last BN of each residual branch, and mixing K independent dynamic kernels
+    shrinks the signal at every layer."""
+    with torch.no_grad():
+        randomize_norms(model)
+        for m in model.modules():
+            if isinstance(m, DeformConv2d):
+                m.offset.weight.normal_(0, 0.1)
+            if isinstance(m, DynamicConv2d):
+                m.weight.mul_(3)
+    return model
+
+
+def pooling_reaches_logits(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether perturbing the pooling layers' parameters changes the logits by more than 1e-3, 10x the tolerance of
+    the model-level comparisons (so they are not vacuous: timm zero-initialises the last BN of each residual
+    branch, which alone would cut a pooling layer inside it off the logits)."""
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in perturbed.modules():
+            if isinstance(m, (WeightedPool2d, GaussianPool2d)):
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p))
+        y = model(x)
+        return bool((perturbed(x) - y).abs().max() > 1e-3)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from reference import PlainNlpPool
-from test_layers import ALL, _assert_grads_close, _rand_like_params
+from reference import PlainNlpPool, randomize_norms
+from test_layers import ALL, _assert_grads_close
 from timm_nlp.checkpoint import load_training_checkpoint
 from timm_nlp.layers import DeformConv2d, create_pool2d
 
@@ -56,7 +56,7 @@ def test_pool_on_cuda_matches_cpu(name, train, layout):
     only run fused kernels."""
     torch.manual_seed(0)
     cpu = create_pool2d(name, 32, 2, reduction=8)
-    _rand_like_params(cpu)
+    randomize_norms(cpu)
     gpu = copy.deepcopy(cpu).cuda().to(memory_format=layout)
     cpu.train(train), gpu.train(train)
     x, cot = torch.randn(2, 32, 21, 18), torch.randn(2, 32, 11, 9)
@@ -124,7 +124,7 @@ def test_model_on_cuda_matches_cpu(name):
     gives a finite loss and a finite gradient for every parameter."""
     torch.manual_seed(0)
     cpu = timm.create_model(name, num_classes=10)
-    _rand_like_params(cpu)
+    randomize_norms(cpu)
     gpu = copy.deepcopy(cpu).cuda()
     x, target = torch.randn(4, 3, 64, 64), torch.tensor([3, 7, 0, 9])
     with torch.no_grad(), sdpa_kernel(FUSED):
@@ -155,7 +155,7 @@ def test_compiled_pool_on_cuda_matches_eager():
     """torch.compile (inductor, Triton kernels) of a mixed local x non-local pool: output and gradients as eager."""
     torch.manual_seed(0)
     eager = create_pool2d('mixp_headfix2', 64, 2).cuda().train()
-    _rand_like_params(eager)
+    randomize_norms(eager)
     compiled = torch.compile(copy.deepcopy(eager))
     x, cot = torch.randn(4, 64, 28, 28, device='cuda'), torch.randn(4, 64, 14, 14, device='cuda')
     y_ref, gx_ref, gp_ref = _fwd_bwd(eager, x, cot)

@@ -4,9 +4,10 @@ import torch
 from torch import nn
 
 import timm_nlp
+from reference import pooling_reaches_logits, randomize_model
 from timm_nlp.export import export_onnx
 from timm_nlp.grammar import POOL_METHODS
-from timm_nlp.layers import create_pool2d
+from timm_nlp.layers import GaussianPool2d, WeightedPool2d, create_pool2d
 
 FAMILY_MODELS = [
     'resnet18_skip_4222', 'resnet18_maxp_2222', 'resnetv2_18_avgp_2222', 'resnet18_lip_2222',
@@ -18,20 +19,15 @@ FAMILY_MODELS = [
 
 def _model(name):
     torch.manual_seed(0)
-    model = timm_nlp.create_model(name).eval()
-    with torch.no_grad():  # random BN statistics and offsets, so every branch matters
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-            if type(m).__name__ == 'DeformConv2d':
-                m.offset.weight.normal_(0, 0.1)
-    return model
+    return randomize_model(timm_nlp.create_model(name).eval())
 
 
 @pytest.mark.parametrize('name', FAMILY_MODELS)
 def test_onnx_matches_pytorch(name, tmp_path):
-    diff = export_onnx(_model(name), str(tmp_path / 'model.onnx'), (3, 48, 48), batch_size=2)
+    model = _model(name)
+    if any(isinstance(m, (WeightedPool2d, GaussianPool2d)) for m in model.modules()):
+        assert pooling_reaches_logits(model, torch.randn(2, 3, 48, 48))
+    diff = export_onnx(model, str(tmp_path / 'model.onnx'), (3, 48, 48), batch_size=2)
     assert diff is not None and diff <= 1e-4, f'{name}: onnxruntime differs by {diff}'
 
 
@@ -75,4 +71,6 @@ def test_torch_compile_matches_eager_per_family(pool):
 
 @pytest.mark.parametrize('name', ['resnet18_nlp_headfix2_2222'])
 def test_torch_compile_matches_eager_full_model(name):
-    _compiled_matches(_model(name), torch.randn(2, 3, 48, 48))
+    model, x = _model(name), torch.randn(2, 3, 48, 48)
+    assert pooling_reaches_logits(model, x)
+    _compiled_matches(model, x)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference import PlainNlpPool, window_pool
+from reference import PlainNlpPool, randomize_norms, window_pool
 from timm_nlp.grammar import POOL_METHODS, PoolSpec
 from timm_nlp.layers import (
     DeformConv2d, GaussianPool2d, SelfAttentiveImportance, WeightedPool2d, create_pool2d, nlp_defaults,
@@ -17,17 +17,6 @@ SIZES = list(range(1, 10)) + [31, 32, 33, 56, 57]
 WIN_NORM = ['lip', 'nlp', 'nlp_headfix2', 'nlp_reduced', 'dfmnlp', 'dfmnlp_reduced', 'mixp', 'dfmixp_headfix2_reduced']
 # every method, plus the modifiers that change the token grid (reduced: p = 8 at the default reduction)
 ALL = list(POOL_METHODS) + ['nlp_headfix2_nowin_reduced', 'dfmixp_reduced']
-
-
-def _rand_like_params(m: nn.Module, seed: int = 0) -> None:
-    """Give BN layers non-trivial statistics and affine parameters, so eval differs from train."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize('name', ALL)
@@ -50,7 +39,7 @@ def test_output_size(name, stride):
 def test_window_norm_keeps_constant(name, train):
     torch.manual_seed(0)
     m = create_pool2d(name, 32, 2)
-    _rand_like_params(m)
+    randomize_norms(m)
     m.train(train)
     x = (torch.rand(3, 32, 1, 1) * 4 - 2).expand(3, 32, 19, 22).contiguous()
     with torch.no_grad():
@@ -106,7 +95,7 @@ def test_nlp_matches_plain_formulation(name, size, stride, kwargs, train):
     """
     torch.manual_seed(0)
     m = create_pool2d(name, 32, stride, **kwargs)
-    _rand_like_params(m)
+    randomize_norms(m)
     assert m.nlp.attn.fused_attn, 'the optimised path must run through F.scaled_dot_product_attention'
     ref = PlainNlpPool(m)
     m.train(train), ref.train(train)

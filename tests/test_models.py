@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import timm_nlp
+from reference import pooling_reaches_logits, randomize_model, randomize_norms
 from timm_nlp.grammar import ArchSpec
 from timm_nlp.layers import DeformConv2d, DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv
 from timm_nlp.models import (
@@ -178,6 +179,7 @@ def test_dynamic_variant_converts_every_1x1_and_3x3_conv():
 def test_stock_strides_with_skip_reproduce_the_stock_model(name, base):
     torch.manual_seed(0)
     stock = timm.create_model(base).eval()
+    randomize_norms(stock)  # a non-zero last BN in every block: the block convs reach the logits
     model = timm.create_model(name).eval()
     report = load_stock_weights(model, stock.state_dict())
     assert not report.unused and not report.mismatched
@@ -320,13 +322,15 @@ def test_torchscript_and_fx_match_eager():
                  'resnet18_nlp_headfix2_nowin_reduced_1222'):
         with timm.layers.set_layer_config(scriptable=True):
             model = timm.create_model(name).eval()
+        randomize_model(model)
+        assert pooling_reaches_logits(model, x)
         feats = timm.models.FeatureGraphNet(model, out_indices=tuple(range(len(model.feature_info)))).eval()
         with torch.no_grad():
-            torch.testing.assert_close(torch.jit.script(model)(x), model(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.jit.script(model)(x), model(x), atol=1e-4, rtol=1e-4)
             outs, ref = feats(x), model.forward_intermediates(x, intermediates_only=True)
         assert len(outs) == len(ref) == len(model.feature_info)
         for a, b in zip(outs, ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize('name', ['resnet18_dfmnlp_2222', 'resnetv2_18_dfmixp_2222', 'mobilenetv2_dfmnlp_1222121',
@@ -360,9 +364,13 @@ def test_channels_last_model_matches_contiguous(name):
     in fp32 the train-mode gradients of a random-init MobileNetV2 differ by 0.5% between layouts (stock timm too)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=10).train().double()
+    randomize_norms(model)  # timm's zero last BN of each block would cut the pooling layers off the output
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     y = model(x)
     grads = torch.autograd.grad(y.square().sum(), list(model.parameters()), allow_unused=True)
+    pool_params = {id(p) for m in model.modules() if isinstance(m, WeightedPool2d) for p in m.parameters()}
+    assert pool_params and all(g is not None and g.abs().max() > 0 for p, g in zip(model.parameters(), grads)
+                               if id(p) in pool_params)
     model = model.to(memory_format=torch.channels_last)
     dyn = [m.weight for m in model.modules() if isinstance(m, DynamicConv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in dyn) and (name.startswith('dy') or not dyn)
