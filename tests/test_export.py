@@ -48,6 +48,20 @@ def test_onnx_batch_axis(tmp_path):
     assert _batch_dim(path) == 2
 
 
+def test_onnx_features_only_and_model_mode(tmp_path):
+    # a detection backbone: every output exported with a dynamic batch and checked; the caller's mode is kept
+    torch.manual_seed(0)
+    model = randomize_model(timm_nlp.create_model('resnet18_lip_2222', features_only=True, out_indices=(2, 3)))
+    path = str(tmp_path / 'features.onnx')
+    assert export_onnx(model.train(), path, (3, 48, 48), batch_size=2) <= 1e-4 and model.training
+    import onnx
+    outputs = onnx.load(path).graph.output
+    assert [o.name for o in outputs] == ['output0', 'output1']
+    assert all(o.type.tensor_type.shape.dim[0].dim_param == 'batch' for o in outputs)
+    with pytest.raises(ValueError, match='batch_size must be >= 1, got 0'):
+        export_onnx(model, path, batch_size=0)
+
+
 def test_onnx_opset_floor(tmp_path):
     with pytest.raises(ValueError, match='opset 13 is too old'):
         export_onnx(_model('resnet18_lip_2222'), str(tmp_path / 'm.onnx'), opset=13)

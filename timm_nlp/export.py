@@ -9,7 +9,7 @@ one convolution, outputs mixed: K times the MACs); ``dynamic_batch=False`` keeps
 for one fixed batch size.
 """
 import contextlib
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -62,30 +62,43 @@ def export_onnx(
         check: bool = True,
         dynamic_batch: bool = True,
 ) -> Optional[float]:
-    """Export ``model`` (in eval mode) to ONNX, traced at ``batch_size``, with a dynamic batch axis unless
-    ``dynamic_batch`` is False. With ``check``, run it in onnxruntime on random inputs (batch ``batch_size``, and
-    ``batch_size + 1`` for a dynamic batch) and return the largest absolute difference from PyTorch's output."""
+    """Export ``model`` (run in eval mode, its mode restored after) to ONNX, traced at ``batch_size``, with a dynamic
+    batch axis unless ``dynamic_batch`` is False; a model with several outputs (``features_only``) gets outputs
+    ``output0``, ``output1``... With ``check``, run it in onnxruntime on random inputs (batch ``batch_size``, and
+    ``batch_size + 1`` for a dynamic batch) and return the largest absolute difference from PyTorch's outputs."""
     if opset < 17:
         raise ValueError(f'opset {opset} is too old: use 17 or newer (19 for the deformable poolings).')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
     register_onnx_symbolics()
-    model = model.eval()
+    training = model.training
+    model.eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, *input_size, generator=gen)
-    axes = {'input': {0: 'batch'}, 'output': {0: 'batch'}} if dynamic_batch else None
-    with _batch_agnostic(model, dynamic_batch):
-        torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['input'], output_names=['output'],
-                          dynamic_axes=axes, dynamo=False)
-    if not check:
-        return None
-    import onnxruntime as ort
-    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-    diff = 0.
-    for batch in (batch_size, batch_size + 1) if dynamic_batch else (batch_size,):
-        xb = x if batch == batch_size else torch.randn(batch, *input_size, generator=gen)
-        out = session.run(None, {'input': xb.numpy()})[0]
+
+    def run(xb: torch.Tensor) -> List[np.ndarray]:
         with torch.no_grad():
-            ref = model(xb).numpy()
-        if out.shape != ref.shape:
-            raise RuntimeError(f'ONNX output shape {out.shape} differs from PyTorch {ref.shape} at batch {batch}.')
-        diff = max(diff, float(np.abs(out - ref).max()))
-    return diff
+            out = model(xb)
+        return [t.numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
+    try:
+        n = len(run(x))
+        names = ['output'] if n == 1 else [f'output{i}' for i in range(n)]
+        axes = {name: {0: 'batch'} for name in ['input'] + names} if dynamic_batch else None
+        with _batch_agnostic(model, dynamic_batch):
+            torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['input'], output_names=names,
+                              dynamic_axes=axes, dynamo=False)
+        if not check:
+            return None
+        import onnxruntime as ort
+        session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+        diff = 0.
+        for batch in (batch_size, batch_size + 1) if dynamic_batch else (batch_size,):
+            xb = x if batch == batch_size else torch.randn(batch, *input_size, generator=gen)
+            for name, out, ref in zip(names, session.run(names, {'input': xb.numpy()}), run(xb)):
+                if out.shape != ref.shape:
+                    raise RuntimeError(f'ONNX {name} shape {out.shape} differs from PyTorch {ref.shape} at batch '
+                                       f'{batch}.')
+                diff = max(diff, float(np.abs(out - ref).max()))
+        return diff
+    finally:
+        model.train(training)
