@@ -52,11 +52,14 @@ def test_timm_model_suite():
     env = dict(os.environ, TIMM_NLP_SUITE_MODELS=','.join(SUITE_MODELS),
                PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get('PYTHONPATH')])))
     proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'timm_suite_plugin', '-p', 'no:cacheprovider',
+        [sys.executable, '-m', 'pytest', '-q', '-rA', '-p', 'timm_suite_plugin', '-p', 'no:cacheprovider',
          '-W', 'ignore', 'test_models.py'],
         cwd=tests, env=env, capture_output=True, text=True)
     tail = proc.stdout[-4000:]
     assert proc.returncode == 0, tail
-    passed = int(re.search(r'(\d+) passed', tail).group(1))
-    # forward, backward, cfgs, torchscript, features, fx... : at least 10 of timm's tests for every model
-    assert passed >= 10 * len(SUITE_MODELS), tail
+    passed = re.findall(r'^PASSED test_models\.py::(\w+)\[(?:\d+-)?(.+)\]$', proc.stdout, re.M)
+    kinds = {m: {test for test, model in passed if model == m} for m in SUITE_MODELS}
+    ran = set().union(*kinds.values())
+    # every model passes every kind of timm's tests that ran: forward, backward, cfgs, torchscript, features, fx...
+    assert len(ran) >= 10, tail
+    assert all(k == ran for k in kinds.values()), {m: sorted(ran - k) for m, k in kinds.items() if k != ran}
