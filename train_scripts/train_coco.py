@@ -9,7 +9,8 @@ DATA_DIR holds train2017/, val2017/ and annotations/instances_{train,val}2017.js
 configs build on (Faster R-CNN and RetinaNet 1x: 12 epochs, lr / 10 at epochs 8 and 11; SSD: 24 epochs,
 lr / 10 at 16 and 22), with the learning rate scaled linearly to the global batch. Every epoch ends with
 COCO box mAP (pycocotools) on the validation split, logged to OUTPUT/metrics.jsonl; the weights are saved as
-OUTPUT/detector.safetensors.
+OUTPUT/detector.safetensors and the last epoch's detections (COCO results format) as OUTPUT/predictions.json.
+Crowd annotations (``iscrowd=1``) are dropped from the training targets, as in torchvision's reference scripts.
 """
 import argparse
 import json
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument('--min-size', type=int, default=800, help='Faster R-CNN / RetinaNet shorter side')
     p.add_argument('--max-size', type=int, default=1333)
     p.add_argument('--ssd-size', type=int, default=300)
+    p.add_argument('--score-thresh', type=float, default=None, help='lowest score kept (default: the detector\'s)')
     p.add_argument('--warmup-iters', type=int, default=500)
     p.add_argument('--workers', type=int, default=4)
     p.add_argument('--output', default='output/coco')
@@ -55,11 +57,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+SCORE_THRESH_ARG = dict(fasterrcnn='box_score_thresh', retinanet='score_thresh', ssd='score_thresh')
+
+
+def _drop_crowd(image, target):
+    """Keep the boxes and labels of the non-crowd objects only."""
+    keep = torch.as_tensor(target.pop('iscrowd')) == 0
+    return image, dict(target, boxes=target['boxes'][keep], labels=target['labels'][keep])
+
+
 def _dataset(root: str, split: str, train: bool):
-    tf = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] + ([v2.RandomHorizontalFlip()] if train else [])
+    tf = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] + ([v2.RandomHorizontalFlip(), _drop_crowd] if train
+                                                                  else [])
     ds = CocoDetection(os.path.join(root, split), os.path.join(root, 'annotations', f'instances_{split}.json'),
                        transforms=v2.Compose(tf))
-    ds = wrap_dataset_for_transforms_v2(ds, target_keys=('boxes', 'labels', 'image_id'))
+    keys = ('boxes', 'labels', 'image_id') + (('iscrowd',) if train else ())
+    ds = wrap_dataset_for_transforms_v2(ds, target_keys=keys)
     if train:  # images without boxes carry no detection loss
         keep = [i for i, img_id in enumerate(ds.ids) if ds.coco.getAnnIds(imgIds=img_id, iscrowd=False)]
         ds = torch.utils.data.Subset(ds, keep)
@@ -81,8 +94,11 @@ def main(argv=None):
     preset = PRESETS[args.detector]
     train_ds, val_ds = _dataset(args.data_dir, args.train_split, True), _dataset(args.data_dir, args.val_split, False)
     coco_val = val_ds.coco.dataset
-    num_classes = args.num_classes or max(c['id'] for c in coco_val['categories']) + 1
+    category_ids = {c['id'] for c in coco_val['categories']}
+    num_classes = args.num_classes or max(category_ids) + 1
     kw = dict(size=args.ssd_size) if args.detector == 'ssd' else dict(min_size=args.min_size, max_size=args.max_size)
+    if args.score_thresh is not None:
+        kw[SCORE_THRESH_ARG[args.detector]] = args.score_thresh
     model = preset['build'](args.backbone, num_classes=num_classes, weights=args.weights or None, **kw).to(device)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -118,16 +134,20 @@ def main(argv=None):
             opt.step()
             sched.step()
             loss_sum += loss.item()
-        results = evaluate(model, val_loader, device, distributed)
+        # RetinaNet's sigmoid head also scores label 0, which is no category
+        results = [r for r in evaluate(model, val_loader, device, distributed) if r['category_id'] in category_ids]
         if rank == 0:
             metrics = coco_map(coco_val, results)
             record = dict(epoch=epoch, loss=loss_sum / max(1, len(loader)), time=time.time() - start, **metrics)
+            record['detections'] = len(results)
             print(json.dumps(record), flush=True)
             with open(os.path.join(args.output, 'metrics.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
             net = model.module if distributed else model
             save_weights(os.path.join(args.output, 'detector.safetensors'), net.state_dict(),
                          dict(detector=args.detector, backbone=args.backbone, num_classes=num_classes, epoch=epoch))
+            with open(os.path.join(args.output, 'predictions.json'), 'w') as f:
+                json.dump(results, f)
     if distributed:
         dist.destroy_process_group()
 

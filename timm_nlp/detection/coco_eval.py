@@ -11,7 +11,9 @@ _STAT_NAMES = ('mAP', 'mAP_50', 'mAP_75', 'mAP_small', 'mAP_medium', 'mAP_large'
 
 
 def predictions_to_coco(outputs: List[Dict[str, Any]], image_ids: List[int]) -> List[Dict[str, Any]]:
-    """torchvision detector outputs (xyxy boxes) -> COCO result dicts (xywh boxes)."""
+    """torchvision detector outputs (xyxy boxes) -> COCO result dicts (xywh boxes); one image id per output."""
+    if len(outputs) != len(image_ids):
+        raise ValueError(f'{len(outputs)} detector outputs for {len(image_ids)} image ids; give one id per output.')
     results = []
     for out, image_id in zip(outputs, image_ids):
         for box, score, label in zip(out['boxes'].tolist(), out['scores'].tolist(), out['labels'].tolist()):
@@ -22,18 +24,24 @@ def predictions_to_coco(outputs: List[Dict[str, Any]], image_ids: List[int]) -> 
 
 
 def coco_map(ground_truth: Dict[str, Any], results: List[Dict[str, Any]]) -> Dict[str, float]:
-    """COCO box metrics (mAP@[.5:.95], mAP@.5, ...) of ``results`` against a COCO-format ``ground_truth`` dict."""
+    """COCO box metrics (mAP@[.5:.95], mAP@.5, ...) of ``results`` against a COCO-format ``ground_truth`` dict.
+
+    A metric is -1.0, as pycocotools reports it, where the ground truth has no object of its size range.
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = copy.deepcopy(ground_truth)
         gt.createIndex()
-        if not results:
-            return {k: 0.0 for k in _STAT_NAMES}
-        dt = gt.loadRes(copy.deepcopy(results))
+        if results:
+            dt = gt.loadRes(copy.deepcopy(results))
+        else:  # pycocotools' loadRes refuses an empty list
+            dt = COCO()
+            dt.dataset = dict(images=gt.dataset['images'], categories=gt.dataset['categories'], annotations=[])
+            dt.createIndex()
         ev = COCOeval(gt, dt, 'bbox')
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {k: max(0.0, float(v)) for k, v in zip(_STAT_NAMES, ev.stats)}
+    return {k: float(v) for k, v in zip(_STAT_NAMES, ev.stats)}

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSD
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
@@ -20,7 +21,8 @@ from timm.models._features import FeatureGetterNet
 from timm_nlp.checkpoint import load_weights
 from timm_nlp.models import create_model
 
-__all__ = ['PooledBackbone', 'FPNBackbone', 'SSDBackbone', 'fasterrcnn', 'retinanet', 'ssd']
+__all__ = ['PooledBackbone', 'FPNBackbone', 'SSDBackbone', 'StridedAnchorGenerator', 'fasterrcnn', 'retinanet',
+           'ssd']
 
 Weights = Optional[Union[str, Dict[str, torch.Tensor]]]
 
@@ -37,22 +39,37 @@ class PooledBackbone(nn.Module):
 
     def __init__(self, name: str, out_indices: Sequence[int] = (1, 2, 3, 4), weights: Weights = None, **kwargs):
         super().__init__()
-        model = create_model(name, **kwargs)
-        if weights is not None:
-            state = load_weights(weights) if isinstance(weights, str) else dict(weights)
-            head = model.pretrained_cfg.get('classifier') or ''
-            state = {k: v for k, v in state.items() if not (head and k.startswith(head + '.'))}
-            target = {k: v for k, v in model.state_dict().items() if not (head and k.startswith(head + '.'))}
-            wrong = [f'{k} {tuple(v.shape)} vs {tuple(target[k].shape)}' for k, v in state.items()
-                     if k in target and v.shape != target[k].shape]
-            missing, unexpected = [k for k in target if k not in state], [k for k in state if k not in target]
-            if wrong or missing or unexpected:
-                raise ValueError(f'Classification weights do not match {name}: shapes {wrong[:4]}, missing '
-                                 f'{missing[:4]}, unexpected {unexpected[:4]}.')
-            model.load_state_dict(state, strict=False)
-        self.body = FeatureGetterNet(model, out_indices=tuple(out_indices))
+        if not out_indices:
+            raise ValueError(f'out_indices is empty; give the feature levels to use, e.g. (1, 2, 3, 4) for {name}.')
+        self.name, self.model_kwargs = name, kwargs
+        self.body = FeatureGetterNet(create_model(name, **kwargs), out_indices=tuple(out_indices))
         self.channels: List[int] = self.body.feature_info.channels()
         self.strides: List[int] = self.body.feature_info.reduction()
+        if weights is not None:
+            self.load_classification_weights(weights)
+
+    def load_classification_weights(self, weights: Union[str, Dict[str, torch.Tensor]]) -> None:
+        """Load a classification checkpoint of the architecture (file, read by ``load_weights``, or state dict).
+
+        The classifier is dropped; every other tensor of the full classification model must be present with its
+        shape (a ``ValueError`` names the mismatches). Tensors of the stages past the last feature level, which
+        the feature getter prunes, are checked and not loaded.
+        """
+        state = load_weights(weights) if isinstance(weights, str) else dict(weights)
+        full = create_model(self.name, device='meta', **self.model_kwargs)
+        head = full.pretrained_cfg.get('classifier') or ''
+        is_head = lambda k: bool(head) and k.startswith(head + '.')  # noqa: E731
+        state = {k: v for k, v in state.items() if not is_head(k)}
+        target = {k: v for k, v in full.state_dict().items() if not is_head(k)}
+        wrong = [f'{k} {tuple(v.shape)} vs {tuple(target[k].shape)}' for k, v in state.items()
+                 if k in target and v.shape != target[k].shape]
+        missing, unexpected = [k for k in target if k not in state], [k for k in state if k not in target]
+        if wrong or missing or unexpected:
+            raise ValueError(f'Classification weights do not match {self.name}: shapes {wrong[:4]}, missing '
+                             f'{missing[:4]}, unexpected {unexpected[:4]}.')
+        model = self.body.model
+        kept = model.state_dict()
+        model.load_state_dict({k: v for k, v in state.items() if k in kept}, strict=True)
 
     def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
         return OrderedDict((str(i), f) for i, f in enumerate(self.body(x)))
@@ -96,6 +113,29 @@ class SSDBackbone(nn.Module):
         return feats
 
 
+class StridedAnchorGenerator(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` tiled at the backbone's feature strides.
+
+    torchvision steps each level by padded image size // grid size, which drifts from the feature stride when the
+    padded size is no multiple of it (800 // 7 = 114 for a stride-128 level); here the step is the stride.
+    """
+
+    def __init__(self, sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[Sequence[float]],
+                 strides: Sequence[int]):
+        super().__init__(tuple(tuple(s) for s in sizes), tuple(tuple(a) for a in aspect_ratios))
+        self.strides = list(strides)
+
+    def forward(self, image_list: ImageList, feature_maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        if len(feature_maps) != len(self.strides):
+            raise ValueError(f'{len(feature_maps)} feature maps for anchors at {len(self.strides)} strides.')
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        steps = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors(grid_sizes, steps)
+        return [torch.cat(per_level) for _ in image_list.image_sizes]
+
+
 def _check_pow2(strides: Sequence[int], what: str) -> None:
     if any(s & (s - 1) for s in strides):
         raise ValueError(f'{what} needs power-of-two feature strides (RoIAlign maps boxes to levels by powers of '
@@ -109,8 +149,8 @@ def fasterrcnn(name: str, num_classes: int = 91, out_indices: Sequence[int] = (1
     ``kwargs`` go to torchvision's FasterRCNN (min_size, max_size, ...)."""
     backbone = FPNBackbone(PooledBackbone(name, out_indices, weights), fpn_channels, LastLevelMaxPool(), (2,))
     _check_pow2(backbone.strides, 'Faster R-CNN')
-    anchors = AnchorGenerator(tuple((anchor_scale * s,) for s in backbone.strides),
-                              ((0.5, 1.0, 2.0),) * len(backbone.strides))
+    anchors = StridedAnchorGenerator([(anchor_scale * s,) for s in backbone.strides],
+                                     [(0.5, 1.0, 2.0)] * len(backbone.strides), backbone.strides)
     roi_pool = MultiScaleRoIAlign([str(i) for i in range(len(out_indices))], output_size=7, sampling_ratio=2)
     return FasterRCNN(backbone, num_classes, rpn_anchor_generator=anchors, box_roi_pool=roi_pool, **kwargs)
 
@@ -122,7 +162,7 @@ def retinanet(name: str, num_classes: int = 91, out_indices: Sequence[int] = (2,
     backbone = FPNBackbone(PooledBackbone(name, out_indices, weights), fpn_channels,
                            LastLevelP6P7(fpn_channels, fpn_channels), (2, 4))
     sizes = tuple(tuple(int(anchor_scale * s * 2 ** (k / 3)) for k in range(3)) for s in backbone.strides)
-    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    anchors = StridedAnchorGenerator(sizes, [(0.5, 1.0, 2.0)] * len(sizes), backbone.strides)
     return RetinaNet(backbone, num_classes, anchor_generator=anchors, **kwargs)
 
 
