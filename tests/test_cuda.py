@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from reference import PlainNlpPool, randomize_norms
 from test_layers import ALL, _assert_grads_close
 from timm_nlp.checkpoint import load_training_checkpoint
-from timm_nlp.layers import DeformConv2d, create_pool2d
+from timm_nlp.layers import create_pool2d
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -69,18 +69,6 @@ def test_pool_on_cuda_matches_cpu(name, train, layout):
     if train:  # the BN running statistics moved the same way
         for (n, b), b_ref in zip(gpu.named_buffers(), cpu.buffers()):
             torch.testing.assert_close(b.cpu(), b_ref, atol=1e-5, rtol=1e-5, msg=n)
-
-
-def test_deform_conv_bf16_on_cuda():
-    # no bf16 CUDA kernel for deform_conv2d either: fp32 inside, bf16 out, the CPU module's values up to bf16 rounding
-    torch.manual_seed(0)
-    m = DeformConv2d(8, 8, 3, padding=1).to(torch.bfloat16)
-    nn.init.normal_(m.offset.weight, std=0.1)
-    x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16)
-    with torch.no_grad():
-        y, ref = copy.deepcopy(m).cuda()(x.cuda()), m.float()(x.float())
-    assert y.dtype == torch.bfloat16
-    assert (y.float().cpu() - ref).abs().max() < 2 ** -6 * ref.abs().max()
 
 
 def test_bf16_attention_is_fused_and_lean():

@@ -265,15 +265,17 @@ def test_gaussian_pool_low_precision_keeps_window_std(dtype, autocast):
     assert ((y.double() - ref).abs() / ref.abs()).max() < 2 ** -7
 
 
-def test_deform_conv_bf16_on_cpu():
-    # torchvision has no bf16 kernel for deform_conv2d: the layer runs it in fp32 and returns bf16, the same
-    # values as the fp32 layer with the bf16 weights, on the bf16 input, up to bf16 rounding
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA device (the CPU case runs in CI)'))])
+def test_deform_conv_bf16(device):
+    # torchvision has no bf16 kernel for deform_conv2d (CPU or CUDA): the layer runs it in fp32 and returns bf16, the
+    # values of the fp32 layer with the bf16 weights on the bf16 input (on the CPU), up to bf16 rounding
     torch.manual_seed(0)
     m = DeformConv2d(8, 8, 3, padding=1).to(torch.bfloat16)
     nn.init.normal_(m.offset.weight, std=0.1)
     x = torch.randn(2, 8, 9, 9, dtype=torch.bfloat16)
     with torch.no_grad():
-        y, ref = m(x), copy.deepcopy(m).float()(x.float())
+        y, ref = copy.deepcopy(m).to(device)(x.to(device)).cpu(), m.float()(x.float())
     assert y.dtype == torch.bfloat16
     assert (y.float() - ref).abs().max() < 2 ** -6 * ref.abs().max()
 
