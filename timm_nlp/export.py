@@ -81,8 +81,8 @@ def export_onnx(
             out = model(xb)
         return [t.numpy() for t in (out if isinstance(out, (list, tuple)) else [out])]
     try:
-        n = len(run(x))
-        names = ['output'] if n == 1 else [f'output{i}' for i in range(n)]
+        first = run(x)  # PyTorch's outputs at the traced batch: their count names the graph's outputs
+        names = ['output'] if len(first) == 1 else [f'output{i}' for i in range(len(first))]
         axes = {name: {0: 'batch'} for name in ['input'] + names} if dynamic_batch else None
         with _batch_agnostic(model, dynamic_batch):
             torch.onnx.export(model, (x,), path, opset_version=opset, input_names=['input'], output_names=names,
@@ -94,7 +94,8 @@ def export_onnx(
         diff = 0.
         for batch in (batch_size, batch_size + 1) if dynamic_batch else (batch_size,):
             xb = x if batch == batch_size else torch.randn(batch, *input_size, generator=gen)
-            for name, out, ref in zip(names, session.run(names, {'input': xb.numpy()}), run(xb)):
+            refs = first if batch == batch_size else run(xb)
+            for name, out, ref in zip(names, session.run(names, {'input': xb.numpy()}), refs):
                 if out.shape != ref.shape:
                     raise RuntimeError(f'ONNX {name} shape {out.shape} differs from PyTorch {ref.shape} at batch '
                                        f'{batch}.')

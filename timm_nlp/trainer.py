@@ -18,7 +18,6 @@ from torch.utils.data import Dataset
 
 import timm
 from timm.data import create_dataset, create_loader, resolve_data_config
-from timm.models import adapt_input_conv
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationEvaluator, ClassificationTask, evaluation_sample_limit
@@ -27,7 +26,7 @@ from timm.utils import random_seed, update_summary
 from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, save_weights
 from .grammar import ArchSpec
 from .layers import DynamicConv2d, set_dynamic_temperature
-from .models import checkpoint_filter_fn, create_model, load_stock_source
+from .models import adapt_input_channels, checkpoint_filter_fn, create_model, load_stock_source
 
 __all__ = ['add_train_args', 'train', 'DigitsDataset', 'resolve_datasets', 'process_device']
 
@@ -227,11 +226,9 @@ def _load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
     A classifier of another class count keeps its initialisation (reset, as timm does); a first conv of another
     ``in_chans`` is adapted; a checkpoint of another architecture raises a ValueError naming the tensors.
     """
-    target = model.state_dict()
-    state_dict = {k: adapt_input_conv(target[k].shape[1], v, base_chans=v.shape[1]) if v.shape != target[k].shape
-                  else v for k, v in checkpoint_filter_fn(load_weights(path), model).items()}
+    state_dict = adapt_input_channels(checkpoint_filter_fn(load_weights(path), model), model)
     model.load_state_dict(state_dict, strict=False)
-    reset = [k for k in target if k not in state_dict]
+    reset = [k for k in model.state_dict() if k not in state_dict]
     if reset:
         _logger.warning(f"'{path}' has another class count: {', '.join(reset)} keep their initialisation")
 

@@ -14,7 +14,7 @@ from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
 __all__ = [
     'make_pool', 'set_stride', 'insert_stage_pools', 'resnet_feature_info', 'pooled_cfg', 'TransferReport',
     'adapt_stock_state_dict', 'load_stock_weights', 'load_stock_source', 'checkpoint_filter_fn', 'PAPER_ID',
-    'check_output_stride', 'reset_deform_offsets',
+    'check_output_stride', 'reset_deform_offsets', 'adapt_input_channels',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -184,6 +184,16 @@ def _input_conv_mismatches(model: nn.Module, report: TransferReport) -> List[str
             if k in keys and len(a) == len(b) and len(a) in (2, 4) and a[0] == b[0] and a[2:] == b[2:]]
 
 
+def adapt_input_channels(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with its first conv's weight adapted to the model's ``in_chans`` as timm does (summed or
+    repeated over the input channels) where the two differ."""
+    target = model.state_dict()
+    stems = {k: adapt_input_conv(target[k].shape[1], state_dict[k], base_chans=state_dict[k].shape[1])
+             for k in _first_conv_keys(model) if k in state_dict and k in target and state_dict[k].ndim == 4
+             and state_dict[k].shape[1] != target[k].shape[1]}
+    return dict(state_dict, **stems)
+
+
 def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> TransferReport:
     """Load a stock timm checkpoint of the base model into ``model``; the pooling modules keep their init.
 
@@ -192,14 +202,11 @@ def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
     (summed or repeated over the input channels); any other shape mismatch is an error naming the tensors.
     """
     head = getattr(model, 'pretrained_cfg', {}).get('classifier')
-    target = model.state_dict()
     if head:
+        target = model.state_dict()
         state_dict = {k: v for k, v in state_dict.items()
                       if not (k.startswith(head + '.') and k in target and target[k].shape != v.shape)}
-    stems = {k: adapt_input_conv(target[k].shape[1], state_dict[k], base_chans=state_dict[k].shape[1])
-             for k in _first_conv_keys(model) if k in state_dict and k in target and state_dict[k].ndim == 4
-             and state_dict[k].shape[1] != target[k].shape[1]}
-    adapted, report = adapt_stock_state_dict(dict(state_dict, **stems), model)
+    adapted, report = adapt_stock_state_dict(adapt_input_channels(state_dict, model), model)
     if report.mismatched or report.unused:
         # a checkpoint of another base model (e.g. a resnetv2_18 file for a resnet18 model) names no model tensor
         shown = [f'{k} checkpoint {a} vs model {b}' for k, a, b in report.mismatched[:8]]
