@@ -174,7 +174,7 @@ def test_dynamic_variant_converts_every_1x1_and_3x3_conv():
 @pytest.mark.parametrize('name,base', [
     ('resnet18_skip_1222', 'resnet18'), ('resnetv2_18_skip_1222', 'resnetv2_18'),
     ('mobilenetv2_skip_1222121', 'mobilenetv2_100'), ('dyresnet18_skip_1222', 'resnet18'),
-    ('dymobilenetv2_skip_1222121', 'mobilenetv2_100'),
+    ('dymobilenetv2_skip_1222121', 'mobilenetv2_100'), ('dyresnetv2_18_skip_1222', 'resnetv2_18'),
 ])
 def test_stock_strides_with_skip_reproduce_the_stock_model(name, base):
     torch.manual_seed(0)
@@ -299,6 +299,19 @@ def test_resnet_stem_options():
         assert model.forward_features(torch.randn(1, 3, 36, 36)).shape == (1, 512, 2, 2)  # 36 / 4 / 8, rounded up
     with pytest.raises(ValueError, match='avg_down=True is not supported by pooled ResNets'):
         timm.create_model('resnet50_skip_2222', avg_down=True)
+
+
+def test_resnetv2_stem_and_shortcut_options():
+    # a deep pre-activation stem: conv1 is the strided conv, conv3 gives the pre-pool its width
+    model = timm_nlp.create_model('prepool-lip-4-resnet50_v2-skip-1222', stem_type='deep').eval()
+    assert model.stem.conv1.stride == (1, 1) and model.stem.pool.channels == model.stem.conv3.out_channels == 64
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 36, 36)).shape == (1, 2048, 2, 2)
+    with pytest.raises(ValueError, match="stem_type='fixed' cannot take a pre-pool"):
+        timm_nlp.create_model('prepool-lip-4-resnet18_v2-skip-1222', stem_type='fixed')
+    for name in ('resnetv2_18_skip_2222', 'resnetv2_18_lip_2222'):
+        with pytest.raises(ValueError, match='avg_down=True is not supported by pooled ResNetV2s'):
+            timm.create_model(name, avg_down=True)
 
 
 def test_pooling_placement_and_strides():

@@ -82,6 +82,13 @@ class PooledResNetV2(ResNetV2):
             **kwargs: Any,
     ):
         check_output_stride(output_stride)
+        if kwargs.get('avg_down'):
+            raise ValueError('avg_down=True is not supported by pooled ResNetV2s: the stage strides go to the shortcut '
+                             "1x1 conv, which avg_down's shortcut does not stride.")
+        stem_type = kwargs.get('stem_type', '')
+        if arch.prepool is not None and ('fixed' in stem_type or 'same' in stem_type):
+            raise ValueError(f"stem_type='{stem_type}' cannot take a pre-pool: the pre-pool replaces the stem pool, "
+                             "whose padding scheme this stem type fixes. Use '', 'deep' or 'tiered'.")
         super().__init__(
             layers, basic=basic, bottle_ratio=bottle_ratio, act_layer=act_layer, norm_layer=norm_layer,
             conv_layer=conv_layer, drop_path_rate=drop_path_rate, zero_init_last=zero_init_last,
@@ -92,8 +99,10 @@ class PooledResNetV2(ResNetV2):
         norm_act = get_norm_act_layer(norm_layer, act_layer=get_act_layer(act_layer))
         block_dprs = calculate_drop_path_rates(drop_path_rate, layers, stagewise=True)
         block_cls = PreActBasicPool if basic else PreActBottleneckPool
+        # a deep stem (stem_type='deep'/'tiered') has three convs, the first of them strided
+        deep_stem = hasattr(self.stem, 'conv1')
         if arch.prepool is not None:
-            set_stride(self.stem.conv, 1)
+            set_stride(self.stem.conv1 if deep_stem else self.stem.conv, 1)
         for stage, stride, dprs in zip(self.stages, arch.strides, block_dprs):
             blk = stage.blocks[0]
             in_chs, out_chs = blk.norm1.num_features, self._last_conv(blk).out_channels
@@ -109,10 +118,12 @@ class PooledResNetV2(ResNetV2):
             if blk.downsample is not None:
                 set_stride(blk.downsample.conv, stride)
         if arch.dynamic:
-            convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
+            # the backbone only: the classifier (head.fc) is a 1x1 conv too
+            for part in (self.stem, self.stages):
+                convert_dynamic_conv(part, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
         if arch.prepool is not None:
-            self.stem.pool = make_pool(
-                arch.prepool, self.stem.conv.out_channels, arch.prepool_stride, 1, prepool=True, **dd)
+            stem_chs = (self.stem.conv3 if deep_stem else self.stem.conv).out_channels
+            self.stem.pool = make_pool(arch.prepool, stem_chs, arch.prepool_stride, 1, prepool=True, **dd)
         insert_stage_pools(arch, [stage.blocks[0] for stage in self.stages], self._strided_conv, **dd)
         self.init_weights(zero_init_last=zero_init_last)
         reset_deform_offsets(self)
