@@ -395,3 +395,23 @@ def test_channels_last_model_matches_contiguous(name):
         assert (g is None) == (g_cl is None)
         if g is not None:
             assert (g - g_cl).abs().max() <= 1e-10 * scale
+
+
+def test_mobilenetv2_features_only_matches_stock_and_takes_any_level_count():
+    # the same module names as timm's EfficientNetFeatures: feature checkpoints load both ways, same outputs
+    stock = timm.create_model('mobilenetv2_100', features_only=True).eval()
+    randomize_norms(stock)
+    model = timm.create_model('mobilenetv2_skip_1222121', features_only=True).eval()
+    model.load_state_dict(stock.state_dict())
+    stock.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        for a, b in zip(model(x), stock(x), strict=True):
+            torch.testing.assert_close(a, b)
+    # 1122121 down-samples in four places: four levels by default, at the reductions they report
+    model = timm_nlp.create_model('mobilenet_v2-lip-1122121', features_only=True).eval()
+    with torch.no_grad():
+        feats = model(x)
+    assert model.feature_info.reduction() == [2, 4, 8, 16]
+    assert [(f.shape[1], f.shape[-1]) for f in feats] == [(c, -(-48 // r)) for c, r in zip(
+        model.feature_info.channels(), model.feature_info.reduction())]

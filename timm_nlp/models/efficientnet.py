@@ -6,7 +6,7 @@ pooling layer in the block's ``aa`` slot (after the depthwise conv and its norm-
 stem conv stride 1 and follows the stem norm-act: ``bn1`` becomes ``Sequential(bn1, pool)``.
 """
 from functools import partial
-from typing import Any
+from typing import Any, List
 
 from torch import nn
 
@@ -28,6 +28,12 @@ MOBILENETV2_ARCH = [
     ['ds_r1_k3_s1_c16'], ['ir_r2_k3_s2_e6_c24'], ['ir_r3_k3_s2_e6_c32'], ['ir_r4_k3_s2_e6_c64'],
     ['ir_r3_k3_s1_e6_c96'], ['ir_r3_k3_s2_e6_c160'], ['ir_r1_k3_s1_e6_c320'],
 ]
+
+
+def feature_stages(arch: ArchSpec) -> List[int]:
+    """The stages whose output is a feature level: every stage followed by a down-sampling stage, and the last."""
+    n = len(arch.strides)
+    return [i for i in range(n) if i == n - 1 or arch.strides[i + 1] > 1]
 
 
 class PooledMobileNetV2(EfficientNet):
@@ -64,13 +70,10 @@ class PooledMobileNetV2(EfficientNet):
         insert_stage_pools(arch, [stage[0] for stage in self.blocks], lambda blk: blk.conv_dw, **dd)
         efficientnet_init_weights(self)
         reset_deform_offsets(self)
-        reductions = arch.reductions
-        # features at the end of every stage followed by a down-sampling stage, and of the last stage
-        n = len(arch.strides)
         self.feature_info = [
-            dict(stage=i + 1, reduction=reductions[i + 1], module=f'blocks.{i}',
+            dict(stage=i + 1, reduction=arch.reductions[i + 1], module=f'blocks.{i}',
                  num_chs=self.blocks[i][-1].feature_info('bottleneck')['num_chs'])
-            for i in range(n) if i == n - 1 or arch.strides[i + 1] > 1]
+            for i in feature_stages(arch)]
         self.stage_ends = [f['stage'] for f in self.feature_info]
 
 
@@ -78,9 +81,12 @@ def _create(variant: str, arch: ArchSpec, pretrained: bool = False, **kwargs: An
     model_args = dict(
         num_features=1280, stem_size=32, round_chs_fn=partial(round_channels, multiplier=1.0),
         norm_layer=nn.BatchNorm2d, act_layer=get_act_layer('relu6'))
+    # features_only: module names kept (as stock EfficientNetFeatures keeps them, so their weights load both ways),
+    # all levels by default (a stride pattern such as 1122121 has four, not timm's usual five)
+    feature_cfg = dict(feature_cls='hook', no_rewrite=False, out_indices=tuple(range(len(feature_stages(arch)))))
     return build_model_with_cfg(
         PooledMobileNetV2, variant, pretrained, arch=arch, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True), **dict(model_args, **kwargs))
+        feature_cfg=feature_cfg, **dict(model_args, **kwargs))
 
 
 default_cfgs = register_family(__name__, ('mobilenet_v2',), _create)
