@@ -22,12 +22,14 @@ def _model(name):
     return randomize_model(timm_nlp.create_model(name).eval())
 
 
-@pytest.mark.parametrize('name', FAMILY_MODELS)
-def test_onnx_matches_pytorch(name, tmp_path):
+# 70 px: odd maps, whose ceil-mode edge windows (zero variance) cost gaussian_pool's one-pass variance 1.8e-3 here
+@pytest.mark.parametrize('name,size', [(name, 48) for name in FAMILY_MODELS] + [
+    ('mobilenetv2_gaussian_pool_2222121', 70)])
+def test_onnx_matches_pytorch(name, size, tmp_path):
     model = _model(name)
     if any(isinstance(m, (WeightedPool2d, GaussianPool2d)) for m in model.modules()):
-        assert pooling_reaches_logits(model, torch.randn(2, 3, 48, 48))
-    diff = export_onnx(model, str(tmp_path / 'model.onnx'), (3, 48, 48), batch_size=2)
+        assert pooling_reaches_logits(model, torch.randn(2, 3, size, size))
+    diff = export_onnx(model, str(tmp_path / 'model.onnx'), (3, size, size), batch_size=2)
     assert diff is not None and diff <= 1e-4, f'{name}: onnxruntime differs by {diff}'
 
 

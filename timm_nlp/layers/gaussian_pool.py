@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .self_attn_pool import upsample_patches
 from .window_pool import window_avg_pool2d
 
 __all__ = ['GaussianPool2d']
@@ -16,8 +17,8 @@ class GaussianPool2d(nn.Module):
 
     ``eta`` is an input-dependent, per-channel Gaussian variable: its mean ``mu`` and deviation ``sigma``
     come from the globally averaged input; training samples ``eta = mu + sigma * noise`` per output
-    element, eval uses ``eta = mu`` (deterministic). The window moments are computed in at least fp32: in
-    bf16/fp16 (autocast) ``E[x^2] - E[x]^2`` cancels away most of a small window variance.
+    element, eval uses ``eta = mu`` (deterministic). The window moments are computed in at least fp32, the
+    variance in two passes: ``E[x^2] - E[x]^2`` cancels away most of a small window variance.
     """
 
     def __init__(self, channels: int, stride: int = 2, eps: float = 1e-6, device=None, dtype=None):
@@ -34,10 +35,12 @@ class GaussianPool2d(nn.Module):
             raise ValueError(
                 'GaussianPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
         s = self.stride
+        # two-pass window variance, mean((x - mean)^2): exact 0 on constant windows (ceil mode's 1-element edge
+        # windows among them), where sqrt(var + eps) would amplify E[x^2] - E[x]^2's rounding 1 / (2 sqrt(eps))-fold
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean = window_avg_pool2d(xf, s)
-        var = window_avg_pool2d(xf * xf, s) - mean * mean
-        std = (var.clamp(min=0) + self.eps).sqrt()
+        dev = xf - upsample_patches(mean, (x.shape[-2], x.shape[-1]), s)
+        std = (window_avg_pool2d(dev * dev, s) + self.eps).sqrt()
         g = x.mean((2, 3), keepdim=True)
         eta = self.mu(g)
         if self.training:
