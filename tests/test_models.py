@@ -10,7 +10,8 @@ from torch.nn import functional as F
 import timm_nlp
 from reference import pooling_reaches_logits, randomize_model, randomize_norms
 from timm_nlp.grammar import ArchSpec
-from timm_nlp.layers import DeformConv2d, DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv
+from timm_nlp.layers import (
+    DeformConv2d, DynamicConv2d, WeightedPool2d, WindowAvgPool2d, convert_dynamic_conv, set_dynamic_temperature)
 from timm_nlp.models import (
     PAPER_EXAMPLES, adapt_stock_state_dict, checkpoint_filter_fn, list_pooled_models, load_stock_weights)
 
@@ -138,6 +139,19 @@ def test_dynamic_conv_mixes_kernels_per_sample():
     hot = DynamicConv2d(4, 6, 3, 1, 1, num_kernels=3, temperature=30.)
     hot.load_state_dict({**dyn.state_dict(), 'temperature': torch.tensor(30.)})
     assert (hot.attention(x) - 1 / 3).abs().max() < (attn - 1 / 3).abs().max()
+
+
+@pytest.mark.parametrize('temperature', [0., -1., math.inf, math.nan])
+def test_dynamic_conv_refuses_a_temperature_that_is_not_positive(temperature):
+    # 0 gave NaN outputs, a negative one silently inverted the kernel attention
+    with pytest.raises(ValueError, match='temperature must be a finite number > 0'):
+        DynamicConv2d(4, 4, 3, padding=1, temperature=temperature)
+    with pytest.raises(ValueError, match='temperature must be a finite number > 0'):
+        timm.create_model('dyresnet18_skip_1222', dynamic_temperature=temperature)
+    model = timm.create_model('dyresnet18_skip_1222')
+    with pytest.raises(ValueError, match='temperature must be a finite number > 0'):
+        set_dynamic_temperature(model, temperature)
+    assert all(m.temperature.item() == 30. for m in model.modules() if isinstance(m, DynamicConv2d))
 
 
 @pytest.mark.parametrize('groups,bias,stride', [(1, True, 1), (2, False, 2), (4, True, 1)])

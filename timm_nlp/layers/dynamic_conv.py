@@ -11,6 +11,12 @@ from timm.layers import register_notrace_module
 __all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature']
 
 
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f'Dynamic convolution temperature must be a finite number > 0, got {temperature} (0 divides '
+                         'the attention logits by zero; a negative one inverts the softmax).')
+
+
 @register_notrace_module
 class DynamicConv2d(nn.Module):
     """Convolution whose kernel is ``sum_k pi_k(x) W_k``, ``pi = softmax(fc2(relu(fc1(GAP(x)))) / temperature)``.
@@ -44,6 +50,7 @@ class DynamicConv2d(nn.Module):
         if in_channels % groups or out_channels % groups or num_kernels < 1:
             raise ValueError(f'DynamicConv2d: channels ({in_channels}, {out_channels}) must divide by groups '
                              f'({groups}) and num_kernels ({num_kernels}) must be >= 1.')
+        _check_temperature(temperature)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = (kernel_size, kernel_size)
@@ -140,6 +147,7 @@ def convert_dynamic_conv(
 
 def set_dynamic_temperature(module: nn.Module, temperature: float) -> int:
     """Set the softmax temperature of every DynamicConv2d in ``module``; returns how many were set."""
+    _check_temperature(temperature)
     count = 0
     for m in module.modules():
         if isinstance(m, DynamicConv2d):
