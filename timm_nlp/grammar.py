@@ -113,6 +113,15 @@ def _choices(names) -> str:
     return ', '.join(names)
 
 
+_POOL_HEADS = {m.split('_')[0] for m in POOL_METHODS}
+
+
+def _backbone_prefix(name: str) -> Optional[str]:
+    """The backbone prefix ``name`` (a lower-case timm name after any pre-pool) starts with, 'dy' allowed."""
+    rest = name[2:] if name.startswith('dy') else name
+    return next((p for p in sorted(_BY_PREFIX, key=len, reverse=True) if rest.startswith(p + '_')), None)
+
+
 def _parse_strides(token: str, backbone: Backbone, where: str) -> Tuple[int, ...]:
     if not (token.isascii() and token.isdigit() and len(token) == backbone.num_stages and '0' not in token):
         raise ValueError(
@@ -234,6 +243,9 @@ class ArchSpec:
             raise ValueError(f'Architecture string must be a str, got {seed!r}.')
         tokens = seed.lower().split('-')
         prepool = prepool_stride = None
+        if len(tokens) == 6 and tokens[0] != 'prepool':
+            raise ValueError(f"Malformed architecture string '{seed}': a 6-token string starts with 'prepool' "
+                             f"(prepool-POOL-S-BACKBONE-POOL-STRIDES), got '{tokens[0]}'.")
         if tokens[0] == 'prepool':
             if len(tokens) != 6:
                 raise ValueError(f"Malformed architecture string '{seed}': expected "
@@ -266,15 +278,21 @@ class ArchSpec:
             idx = next((i for i, t in enumerate(tokens[1:], 1) if t.isdigit()), None)
             if idx is None or idx == 1:
                 raise ValueError(f"Malformed model name '{name}': expected prepool_POOL_S_PREFIX_POOL_STRIDES.")
+            start = next((i for i in range(1, idx) if _backbone_prefix('_'.join(tokens[i:])) is not None), None)
+            if start is not None:
+                raise ValueError(f"Malformed model name '{name}': no pre-pool stride S after the pre-pool "
+                                 f"'{'_'.join(tokens[1:start])}' (expected prepool_POOL_S_PREFIX_POOL_STRIDES).")
             prepool = _parse_pool('_'.join(tokens[1:idx]), name, 'pre-pool')
             prepool_stride = _parse_prepool_stride(tokens[idx], name)
             lname = '_'.join(tokens[idx + 1:])
+        prefix = _backbone_prefix(lname)
+        if prefix is None:
+            tokens = lname.split('_')
+            end = next((i for i, t in enumerate(tokens[1:], 1) if t in _POOL_HEADS), len(tokens))
+            raise ValueError(f"Unknown backbone '{'_'.join(tokens[:end])}' in model name '{name}'. Valid prefixes: "
+                             f"{_choices(_BY_PREFIX)} (optionally prefixed with 'dy'), followed by _POOL_STRIDES.")
         dynamic = lname.startswith('dy')
         rest = lname[2:] if dynamic else lname
-        prefix = next((p for p in sorted(_BY_PREFIX, key=len, reverse=True) if rest.startswith(p + '_')), None)
-        if prefix is None:
-            raise ValueError(f"Unknown backbone in model name '{name}'. Valid prefixes: {_choices(_BY_PREFIX)} "
-                             f"(optionally prefixed with 'dy'), followed by _POOL_STRIDES.")
         pool, _, strides = rest[len(prefix) + 1:].rpartition('_')
         backbone = _BY_PREFIX[prefix]
         if not pool:
