@@ -1,6 +1,7 @@
 """Detection: torchvision detectors on pooled backbones, COCO mAP, strides, MMDetection registration."""
 import json
 import math
+import re
 import runpy
 import subprocess
 import sys
@@ -118,6 +119,16 @@ def test_non_power_of_two_strides_are_refused():
         fasterrcnn('prepool-lip-6-resnet18-skip-1222', num_classes=4)
 
 
+@pytest.mark.parametrize('name,out_indices,strides', [('resnet18_lip_1222', (1, 3), '[4, 16]'),
+                                                      ('resnet18-lip-1242', (1, 2, 3, 4), '[4, 8, 32, 64]'),
+                                                      ('resnet18-lip-1221', (1, 2, 3, 4), '[4, 8, 16, 16]')])
+def test_fasterrcnn_refuses_strides_that_do_not_double(name, out_indices, strides):
+    """RoIAlign assigns boxes to consecutive power-of-two levels: a gap would pool large boxes from no level."""
+    with pytest.raises(ValueError, match=rf'double.*out_indices {re.escape(str(out_indices))} of {name} give '
+                                         rf'strides {re.escape(strides)}'):
+        fasterrcnn(name, num_classes=4, out_indices=out_indices)
+
+
 def _gt(boxes_per_image):
     images = [dict(id=i + 1, width=100, height=100) for i in range(len(boxes_per_image))]
     anns = [dict(id=k + 1, image_id=i + 1, category_id=c, bbox=b, area=b[2] * b[3], iscrowd=0)
@@ -150,8 +161,19 @@ def test_coco_map_perfect_and_wrong():
 
 
 def test_bad_out_indices_are_refused():
+    from timm_nlp.detection import PooledBackbone, TimmNLPBackbone
     with pytest.raises(ValueError, match='out_indices is empty'):
         fasterrcnn('resnet18_lip_1222', out_indices=())
+    # the features come in stage order, once each: reported channels and strides must follow them
+    for out_indices, levels in (((4, 2), (4, 2)), ((2, 2, 3), (2, 2, 3)), ((-1, 4), (4, 4))):
+        for build in (PooledBackbone, TimmNLPBackbone):
+            with pytest.raises(ValueError, match=rf'out_indices {re.escape(str(out_indices))} \(levels '
+                                                 rf'{re.escape(str(levels))}\) must increase, each level once'):
+                build('resnet18_lip_1222', out_indices=out_indices)
+    backbone = TimmNLPBackbone('resnet18_lip_1222', out_indices=(1, -1))
+    feats = backbone(torch.randn(1, 3, 64, 64))
+    assert backbone.backbone.out_indices == (1, 4) and backbone.strides == [4, 32]
+    assert [f.shape[1] for f in feats] == backbone.out_channels == [64, 512]
 
 
 def test_classification_weights_transfer_to_the_detector():
@@ -164,6 +186,14 @@ def test_classification_weights_transfer_to_the_detector():
             assert torch.equal(body.state_dict()['model.' + k], v), k
     with pytest.raises(ValueError, match='Classification weights do not match resnet18_lip_2222'):
         fasterrcnn('resnet18_lip_2222', weights=timm.create_model('resnet50').state_dict())
+    # BatchNorm's num_batches_tracked counters may be absent, as for a strict load_state_dict; other tensors not
+    state = {k: v for k, v in classifier.state_dict().items() if not k.endswith('num_batches_tracked')}
+    model = fasterrcnn('resnet18_lip_2222', num_classes=4, weights=state)
+    assert all(torch.equal(model.backbone.body.body.state_dict()['model.' + k], v) for k, v in state.items()
+               if not k.startswith('fc.'))
+    del state['layer1.0.bn1.running_mean']
+    with pytest.raises(ValueError, match=r"missing \['layer1.0.bn1.running_mean'\]"):
+        fasterrcnn('resnet18_lip_2222', num_classes=4, weights=state)
 
 
 MMDET_CONFIGS = sorted((Path(__file__).resolve().parent.parent / 'train_scripts' / 'mmdet').glob('*.py'))
@@ -243,13 +273,18 @@ def test_mmdet_configs_match_their_backbone(path):
         assert head['featmap_strides'] == backbone.strides[::-1] == head['anchor_generator']['strides']
 
 
-def test_coco_training_drops_crowd_annotations(tmp_path):
-    from timm_nlp.detection.shapes import write_coco
+def _train_coco():
     sys.path.insert(0, str(REPO / 'train_scripts'))
     try:
         import train_coco
     finally:
         sys.path.pop(0)
+    return train_coco
+
+
+def test_coco_training_drops_crowd_annotations(tmp_path):
+    from timm_nlp.detection.shapes import write_coco
+    train_coco = _train_coco()
     coco = write_coco(str(tmp_path), 'train', 2, size=64, seed=0)
     crowd = dict(image_id=1, category_id=1, iscrowd=1, bbox=[0, 0, 60, 60], area=3600,
                  segmentation=dict(counts=[0, 4096], size=[64, 64]))
@@ -288,3 +323,38 @@ def test_coco_training_script_end_to_end(tmp_path):
     assert {p['category_id'] for p in predictions} <= {c['id'] for c in val['categories']}
     assert all(p['bbox'][2] >= 0 and p['bbox'][3] >= 0 and 0. <= p['score'] <= 1. for p in predictions)
     assert coco_map(val, predictions)['mAP'] == pytest.approx(records[-1]['mAP'])
+
+
+def _tiny_coco_args(tmp_path):
+    """Two 64 px training images with category ids 1..3, one validation image; 1 epoch of RetinaNet."""
+    from timm_nlp.detection.shapes import write_coco
+    data = tmp_path / 'coco'
+    train = write_coco(str(data), 'train', 2, size=64, seed=0)
+    assert max(a['category_id'] for a in train['annotations']) == 3
+    write_coco(str(data), 'val', 1, size=64, seed=1)
+    return ['--data-dir', str(data), '--train-split', 'train', '--val-split', 'val', '--detector', 'retinanet',
+            '--backbone', 'resnet18_lip_2222', '--epochs', '1', '--batch-size', '2', '--min-size', '64',
+            '--max-size', '64', '--workers', '0', '--output', str(tmp_path / 'out')]
+
+
+@pytest.mark.parametrize('extra,match', [
+    (['--batch-size', '4'], r'2 training images with boxes over 1 process\(es\) give 2 per process, fewer than '
+                            r'--batch-size 4'),
+    (['--num-classes', '3'], r'--num-classes 3 is too small for category id 3 .* use at least 4'),
+    (['--epochs', '0'], r'--epochs >= 1.*got --epochs 0,'),
+    (['--lr', '0'], r'--lr > 0.*--lr 0.0,'),
+    (['--warmup-iters', '-1'], r'--warmup-iters >= 0.*--warmup-iters -1\.'),
+], ids=['batch-over-images', 'num-classes', 'epochs', 'lr', 'warmup'])
+def test_coco_training_refuses_bad_settings(tmp_path, monkeypatch, extra, match):
+    """No full batch (nothing would train), too few classes for the labels, or a setting a preset would override."""
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    with pytest.raises(ValueError, match=match):
+        _train_coco().main(_tiny_coco_args(tmp_path) + extra)
+    assert not (tmp_path / 'out' / 'detector.safetensors').exists()
+
+
+def test_coco_training_without_warmup(tmp_path, monkeypatch):
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    _train_coco().main(_tiny_coco_args(tmp_path) + ['--warmup-iters', '0', '--lr', '0.01'])
+    records = [json.loads(line) for line in (tmp_path / 'out' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [0] and math.isfinite(records[0]['loss']) and records[0]['loss'] > 0

@@ -85,6 +85,10 @@ def _collate(batch):
 
 def main(argv=None):
     args = parse_args(argv)
+    if (args.epochs is not None and args.epochs < 1) or (args.lr is not None and args.lr <= 0) \
+            or args.warmup_iters < 0:
+        raise ValueError(f'Need --epochs >= 1, --lr > 0 and --warmup-iters >= 0; got --epochs {args.epochs}, '
+                         f'--lr {args.lr}, --warmup-iters {args.warmup_iters}.')
     distributed = int(os.environ.get('WORLD_SIZE', '1')) > 1
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else 'cpu')
     if distributed:
@@ -93,9 +97,18 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     preset = PRESETS[args.detector]
     train_ds, val_ds = _dataset(args.data_dir, args.train_split, True), _dataset(args.data_dir, args.val_split, False)
-    coco_val = val_ds.coco.dataset
+    per_rank = math.ceil(len(train_ds) / world)  # DistributedSampler pads every rank to this
+    if per_rank < args.batch_size:
+        raise ValueError(f'{len(train_ds)} training images with boxes over {world} process(es) give {per_rank} per '
+                         f'process, fewer than --batch-size {args.batch_size}: no full batch, nothing would train.')
+    coco_train, coco_val = train_ds.dataset.coco.dataset, val_ds.coco.dataset
     category_ids = {c['id'] for c in coco_val['categories']}
-    num_classes = args.num_classes or max(category_ids) + 1
+    max_id = max([c['id'] for c in coco_train['categories'] + coco_val['categories']]
+                 + [a['category_id'] for a in coco_train['annotations']])
+    num_classes = max_id + 1 if args.num_classes is None else args.num_classes
+    if num_classes <= max_id:
+        raise ValueError(f'--num-classes {num_classes} is too small for category id {max_id} in the annotations '
+                         f'(ids are class indices, 0 the background); use at least {max_id + 1}.')
     kw = dict(size=args.ssd_size) if args.detector == 'ssd' else dict(min_size=args.min_size, max_size=args.max_size)
     if args.score_thresh is not None:
         kw[SCORE_THRESH_ARG[args.detector]] = args.score_thresh
@@ -108,14 +121,14 @@ def main(argv=None):
     val_sampler = DistributedSampler(val_ds, shuffle=False) if distributed else None
     val_loader = DataLoader(val_ds, args.batch_size, sampler=val_sampler, num_workers=args.workers,
                             collate_fn=_collate)
-    epochs = args.epochs or preset['epochs']
-    lr = args.lr or preset['lr'] * args.batch_size * world / preset['base_batch']
+    epochs = preset['epochs'] if args.epochs is None else args.epochs
+    lr = preset['lr'] * args.batch_size * world / preset['base_batch'] if args.lr is None else args.lr
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
     milestones = [m * len(loader) for m in preset['milestones'] if m < epochs]
     warmup = min(args.warmup_iters, max(1, len(loader) * epochs // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda it: min(1., (it + 1) / warmup) * 0.1 ** sum(it >= m for m in milestones))
+        opt, lambda it: (min(1., (it + 1) / warmup) if warmup else 1.) * 0.1 ** sum(it >= m for m in milestones))
     if rank == 0:
         os.makedirs(args.output, exist_ok=True)
     for epoch in range(epochs):

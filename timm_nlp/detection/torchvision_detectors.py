@@ -16,7 +16,7 @@ from torchvision.models.detection.ssd import SSD
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, feature_take_indices
 
 from timm_nlp.checkpoint import load_weights
 from timm_nlp.models import create_model
@@ -32,7 +32,8 @@ class PooledBackbone(nn.Module):
 
     Args:
         name: Registered name or architecture string.
-        out_indices: Feature levels (0 is the stem; 1..4 the ResNet stages).
+        out_indices: Feature levels in increasing order, each once (0 is the stem; 1..4 the ResNet stages; negative
+            ones count from the last).
         weights: A classification checkpoint of the same architecture (file or state dict); its classifier is
             dropped, every other tensor must match.
     """
@@ -42,7 +43,12 @@ class PooledBackbone(nn.Module):
         if not out_indices:
             raise ValueError(f'out_indices is empty; give the feature levels to use, e.g. (1, 2, 3, 4) for {name}.')
         self.name, self.model_kwargs = name, kwargs
-        self.body = FeatureGetterNet(create_model(name, **kwargs), out_indices=tuple(out_indices))
+        model = create_model(name, **kwargs)
+        self.out_indices = tuple(feature_take_indices(len(model.feature_info), out_indices)[0])
+        if list(self.out_indices) != sorted(set(self.out_indices)):
+            raise ValueError(f'out_indices {tuple(out_indices)} (levels {self.out_indices}) must increase, each level '
+                             'once: the features come in stage order.')
+        self.body = FeatureGetterNet(model, out_indices=self.out_indices)
         self.channels: List[int] = self.body.feature_info.channels()
         self.strides: List[int] = self.body.feature_info.reduction()
         if weights is not None:
@@ -63,7 +69,9 @@ class PooledBackbone(nn.Module):
         target = {k: v for k, v in full.state_dict().items() if not is_head(k)}
         wrong = [f'{k} {tuple(v.shape)} vs {tuple(target[k].shape)}' for k, v in state.items()
                  if k in target and v.shape != target[k].shape]
-        missing, unexpected = [k for k in target if k not in state], [k for k in state if k not in target]
+        # BatchNorm fills absent num_batches_tracked counters, as a strict load_state_dict does
+        missing = [k for k in target if k not in state and not k.endswith('num_batches_tracked')]
+        unexpected = [k for k in state if k not in target]
         if wrong or missing or unexpected:
             raise ValueError(f'Classification weights do not match {self.name}: shapes {wrong[:4]}, missing '
                              f'{missing[:4]}, unexpected {unexpected[:4]}.')
@@ -146,9 +154,16 @@ def fasterrcnn(name: str, num_classes: int = 91, out_indices: Sequence[int] = (1
                fpn_channels: int = 256, anchor_scale: int = 8, **kwargs) -> FasterRCNN:
     """Faster R-CNN with FPN; anchors of ``anchor_scale x stride`` per level (torchvision's 32..512 at stock).
 
+    RoIAlign needs power-of-two feature strides that double from one level to the next (4, 8, 16, 32 at stock).
+
     ``kwargs`` go to torchvision's FasterRCNN (min_size, max_size, ...)."""
     backbone = FPNBackbone(PooledBackbone(name, out_indices, weights), fpn_channels, LastLevelMaxPool(), (2,))
     _check_pow2(backbone.strides, 'Faster R-CNN')
+    body = backbone.body
+    if any(b != 2 * a for a, b in zip(body.strides, body.strides[1:])):
+        raise ValueError(f'Faster R-CNN needs feature strides that double from level to level (RoIAlign maps boxes to '
+                         f'consecutive power-of-two levels); out_indices {body.out_indices} of {name} give strides '
+                         f'{body.strides}. Use consecutive levels whose stride digits are 2.')
     anchors = StridedAnchorGenerator([(anchor_scale * s,) for s in backbone.strides],
                                      [(0.5, 1.0, 2.0)] * len(backbone.strides), backbone.strides)
     roi_pool = MultiScaleRoIAlign([str(i) for i in range(len(out_indices))], output_size=7, sampling_ratio=2)
