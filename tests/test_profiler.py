@@ -3,6 +3,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import timm_nlp  # noqa: F401
 from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
@@ -45,10 +46,11 @@ def _independent_count(model, x):
     weighted poolings, except the per-patch map an un-normalised nlp pool applies after pooling, measured here
     as the output of its last norm, plus an output-sized copy where it is up-sampled and cropped) and output; a
     dynamic conv its input and output, a deformable conv also the offsets its offset conv gives. While their
-    own layers run, these keep their input alive, counted once (by storage) at each step that neither takes
-    nor gives it."""
+    own layers run, these keep their input alive, and a pool also the maps it computed before them (mixp's local
+    map, the pooled map of a pool that weights after pooling, here an avg-pooled copy of its input), counted once
+    (by storage) at each step that neither takes nor gives them."""
     from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
-    steps, held, hooks, maps = [], [], [], {}
+    steps, held, hooks, maps, depth = [], [], [], {}, []
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
 
@@ -57,9 +59,17 @@ def _independent_count(model, x):
         kept = {ptr(t): nbytes(t) for t in held if ptr(t) not in own}
         steps.append((name, nbytes(i[0]) + nbytes(o) + extra + sum(kept.values())))
 
+    def enter(m, i):
+        depth.append(len(held))
+        held.append(i[0])
+        if isinstance(m, WeightedPool2d) and m.lip is None and not m.win_norm and m.nlp.patch_size % m.stride == 0:
+            held.append(F.avg_pool2d(i[0], m.stride, m.stride, ceil_mode=True))
+
     for name, m in model.named_modules():
         if isinstance(m, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
-            hooks.append(m.register_forward_pre_hook(lambda m, i: held.append(i[0])))
+            hooks.append(m.register_forward_pre_hook(enter))
+            if isinstance(m, WeightedPool2d) and m.lip is not None and m.nlp is not None:
+                hooks.append(m.lip.register_forward_hook(lambda mod, i, o: held.append(o)))
             if isinstance(m, WeightedPool2d) and m.nlp is not None:
                 hooks.append(m.nlp.restore_norm.register_forward_hook(
                     lambda mod, i, o, name=name: maps.__setitem__(name, o)))
@@ -67,7 +77,7 @@ def _independent_count(model, x):
                 hooks.append(m.offset.register_forward_hook(lambda mod, i, o, name=name: maps.__setitem__(name, o)))
 
             def compound_hook(m, i, o, name=name):
-                held.pop()
+                del held[depth.pop():]
                 w = 0
                 if isinstance(m, DeformConv2d):
                     w = nbytes(maps[name])
@@ -104,6 +114,23 @@ def test_profile_equals_independent_count(name, size):
     assert profile.peak_bytes == max(b for _, b in steps)
 
 
+def test_maps_computed_before_a_pools_branch_are_held_and_maps_are_not_summed():
+    # mixp: the local map (input-sized) is live through the whole non-local branch
+    mixp = activation_profile(timm.create_model('resnet18_mixp_2222', device='meta'), (3, 64, 64)).layers
+    qkv = next(s for s in mixp if s.name == 'layer1.0.aa.nlp.attn.qkv')
+    assert qkv.held_bytes == 2 * 64 * 16 * 16 * 4  # the pool's input and its local map
+    # a pool weighting after pooling computes the pooled map first
+    name = 'resnet18_nlp_headfix2_nowin_reduced_2222'
+    nowin = activation_profile(timm.create_model(name, device='meta'), (3, 64, 64)).layers
+    embed = next(s for s in nowin if s.name == 'layer1.0.aa.nlp.patch_embed')
+    assert embed.held_bytes == 64 * 8 * 8 * 4
+    # the largest map is one tensor: a pool's importance map is not added to its output
+    profile = activation_profile(timm_nlp.create_model('prepool-lip-4-resnet18-skip-1222'), (3, 64, 64))
+    pool = next(s for s in profile.layers if s.name == 'maxpool')
+    assert (pool.in_bytes, pool.operand_bytes, pool.out_bytes) == (64 * 64 * 64 * 4, 64 * 64 * 64 * 4, 64 * 16 * 16 * 4)
+    assert profile.largest_map_bytes == 64 * 64 * 64 * 4
+
+
 def test_dynamic_conv_is_one_step_like_a_conv():
     """Same activations, same memory: each DynamicConv2d is the step of the conv it replaces, its routing layers
     (on the pooled input) extra steps that hold its input."""
@@ -121,11 +148,13 @@ def test_dynamic_conv_is_one_step_like_a_conv():
 
 
 def test_pool_input_is_counted_once():
-    """A pre-pool's input is the stem's output and its patch embedding's input: held, but not twice."""
+    """A pre-pool's input is the stem's output and its patch embedding's input: held, but not twice (the pooled
+    map, computed before the weights, is held)."""
     name = 'prepool-nlp_headfix2_nowin_reduced-4-resnet18-skip-1222'
     profile = activation_profile(timm_nlp.create_model(name, device='meta'), (3, 128, 128))
     embed = next(s for s in profile.layers if s.name == 'maxpool.nlp.patch_embed')
-    assert embed.held_bytes == 0 and embed.live_bytes == (64 * 128 * 128 + 16 * 32 * 32) * 4
+    assert embed.held_bytes == 64 * 32 * 32 * 4 and embed.live_bytes == (64 * 128 * 128 + 16 * 32 * 32) * 4 + \
+        embed.held_bytes
     assert (profile.peak_bytes, profile.peak_layer.name) == (2 * 64 * 128 * 128 * 4, 'bn1')
 
 

@@ -39,18 +39,19 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
 
 @dataclass
 class LayerMemory:
-    """One step of layer-by-layer execution: its input, its output (plus the map it computes with, for a pooling
-    layer or a deformable conv) and the tensors held across it that are neither."""
+    """One step of layer-by-layer execution: its input, its output, the map it computes with (a pooling layer's
+    importance map, a deformable conv's offsets) and the tensors held across it that are none of these."""
     name: str
     kind: str
     out_shape: Tuple[int, ...]
     in_bytes: int
     out_bytes: int
+    operand_bytes: int
     held_bytes: int
 
     @property
     def live_bytes(self) -> int:
-        return self.in_bytes + self.out_bytes + self.held_bytes
+        return self.in_bytes + self.out_bytes + self.operand_bytes + self.held_bytes
 
 
 @dataclass
@@ -68,7 +69,7 @@ class ActivationProfile:
 
     @property
     def largest_map_bytes(self) -> int:
-        return max(max(layer.in_bytes, layer.out_bytes) for layer in self.layers)
+        return max(max(layer.in_bytes, layer.out_bytes, layer.operand_bytes) for layer in self.layers)
 
 
 def _tensors(x) -> List[torch.Tensor]:
@@ -130,29 +131,43 @@ def activation_profile(
     applied after pooling), and a conv with an internal branch, counted like nn.Conv2d: DynamicConv2d (its K
     routing weights are negligible; its per-sample mixed kernel is weight-sized and not counted) and DeformConv2d
     (plus the offset map it samples with). While a compound layer's internal steps run (its importance, routing
-    or offset branch), its input stays live: a step counts it as held unless it takes or gives it (same storage),
-    so a held tensor is never counted twice (an in-place activation or an identity still counts its input and
-    output apart). Tensors held across other steps (residual shortcuts) are not counted.
+    or offset branch), its input stays live, and so do the maps it computed before them (mixp's local importance
+    map during the non-local branch; the pooled map of a pool that weights after pooling): a step counts these
+    as held unless it takes or gives them (same storage), so a held tensor is never counted twice (an in-place
+    activation or an identity still counts its input and output apart). Tensors held across other steps
+    (residual shortcuts) are not counted: a step's live memory is its own input and output.
     """
     from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
     meta = copy.deepcopy(model).to(device='meta', dtype=dtype).eval()
     layers: List[LayerMemory] = []
     held: List[Tuple[torch.Tensor, ...]] = []
+    depths: List[int] = []
     hooks = []
 
     def step_hook(name: str, compound: bool = False):
         def hook(module, inputs, output):
             if compound:
-                held.pop()
+                del held[depths.pop():]
             layers.append(LayerMemory(
-                name, type(module).__name__, tuple(output.shape), _nbytes(inputs),
-                _nbytes(output) + _operand_bytes(module, inputs, output), _held_bytes(held, inputs, output)))
+                name, type(module).__name__, tuple(output.shape), _nbytes(inputs), _nbytes(output),
+                _operand_bytes(module, inputs, output), _held_bytes(held, inputs, output)))
         return hook
+
+    def enter(module, inputs):
+        depths.append(len(held))
+        held.append(inputs)
+        if isinstance(module, WeightedPool2d) and module.weights_after_pooling:
+            B, C, H, W = inputs[0].shape
+            s = module.stride
+            held.append((inputs[0].new_empty(B, C, -(-H // s), -(-W // s)),))  # the pooled map, computed first
 
     for name, module in meta.named_modules():
         if isinstance(module, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
-            hooks.append(module.register_forward_pre_hook(lambda m, inputs: held.append(inputs)))
+            hooks.append(module.register_forward_pre_hook(enter))
             hooks.append(module.register_forward_hook(step_hook(name, compound=True)))
+            if isinstance(module, WeightedPool2d) and module.lip is not None and module.nlp is not None:
+                # mixp: the local importance map is computed first and kept for the product
+                hooks.append(module.lip.register_forward_hook(lambda m, inputs, output: held.append((output,))))
         elif not any(True for _ in module.children()) and name:
             hooks.append(module.register_forward_hook(step_hook(name)))
     with torch.no_grad():

@@ -39,8 +39,8 @@ class GaussianPool2d(nn.Module):
         # windows among them), where sqrt(var + eps) would amplify E[x^2] - E[x]^2's rounding 1 / (2 sqrt(eps))-fold
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean = window_avg_pool2d(xf, s)
-        dev = xf - upsample_patches(mean, (x.shape[-2], x.shape[-1]), s)
-        std = (window_avg_pool2d(dev * dev, s) + self.eps).sqrt()
+        std = (window_avg_pool2d((xf - upsample_patches(mean, (x.shape[-2], x.shape[-1]), s)).square(), s)
+               + self.eps).sqrt()
         g = x.mean((2, 3), keepdim=True)
         eta = self.mu(g)
         if self.training:
