@@ -180,6 +180,27 @@ def test_error_paths(exported, tmp_path):
     assert re.search(r'conv_stem.weight checkpoint|unexpected (conv1|layer)', proc.stderr), proc.stderr[-1500:]
 
 
+def test_push_of_a_stock_timm_model(tmp_path):
+    """`timm-nlp train --model resnet18` (the baseline) writes a stock timm model: it pushes without pooling rows."""
+    torch.manual_seed(0)
+    model = timm.create_model('resnet18', num_classes=3).eval()
+    ckpt = tmp_path / 'model.safetensors'
+    save_weights(str(ckpt), model.state_dict(), dict(architecture='resnet18', num_classes=3, top1=50.0,
+                                                     label_names=['a', 'b', 'c'], recipe=dict(img_size=16)))
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'push', str(ckpt), '--repo', 'org/stock',
+                           '--dry-run', '--out', str(tmp_path / 'out')], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = json.loads((tmp_path / 'out' / 'config.json').read_text())
+    assert cfg['architecture'] == 'resnet18' and 'arch_seed' not in cfg and cfg['label_names'] == ['a', 'b', 'c']
+    card = (tmp_path / 'out' / 'README.md').read_text()
+    assert 'The stock timm `resnet18` image classifier' in card and '| base model | timm `resnet18` |' in card
+    assert 'seed form' not in card and 'self-attentive-pooling' not in card.split('---')[1]
+    local = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(local(x), model(x))
+
+
 def test_push_checks_before_touching_the_hub(exported, tmp_path):
     root, _, _ = exported
     bad = tmp_path / 'corrupt.safetensors'

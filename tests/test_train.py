@@ -81,14 +81,16 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.) -> None
 
 
 @pytest.mark.slow
-def test_interrupt_and_resume(tmp_path):
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_interrupt_and_resume(tmp_path, workers):
     """Kill after the first epoch's checkpoint, rerun: it resumes at epoch 1 and ends after the same 2 epochs.
 
     Tolerance: epochs are seeded (seed + epoch) and the optimizer, scheduler and BN state are restored, so the
     resumed run must match an uninterrupted one to 1e-6 in every logged metric. Its first epoch ran in the
     killed process, a second run with the same seed, so that equality also shows the runs are reproducible.
+    With loader workers, each epoch's workers are seeded from that epoch's seed (as they are in a resumed run).
     """
-    args = ['train', '--model', 'resnet18_lip_2222', '--epochs', '2', *FAST]
+    args = ['train', '--model', 'resnet18_lip_2222', '--epochs', '2', '-j', workers, *FAST]
     ref = _summary(_run_to(tmp_path / 'ref', args))
     out = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, '-m', 'timm_nlp.cli', *args, '--output', str(out)], cwd=REPO,
@@ -129,6 +131,22 @@ def test_torchrun_two_processes_keep_identical_weights(tmp_path):
     digests = dict(re.findall(r'rank (\d) final weights sha256 ([0-9a-f]{64})', proc.stderr))
     assert set(digests) == {'0', '1'} and digests['0'] == digests['1']
     assert len(_summary(tmp_path / 'ddp')) == 1
+
+
+@pytest.mark.slow
+def test_torchrun_compare_trains_every_model(tmp_path):
+    """Each train() call of compare reuses the process group (a second init of torchrun's group fails)."""
+    data = _image_folder(tmp_path / 'data', per_class=4, size=16)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
+         '-m', 'timm_nlp.cli', 'compare', '--models', 'resnet18_skip_1222', 'resnet18_lip_2222', '--data-dir',
+         str(data), '--val-split', 'val', '--epochs', '1', '-b', '2', '--img-size', '16', '--no-progress',
+         '--output', str(tmp_path / 'cmp')],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r[0] for r in _table(proc.stdout)] == ['resnet18_skip_1222', 'resnet18_lip_2222']
+    digests = re.findall(r'rank (\d) final weights sha256 ([0-9a-f]{64})', proc.stderr)
+    assert len(digests) == 4 and digests[0][1] == digests[1][1] and digests[2][1] == digests[3][1]
 
 
 # The option names timm's train.py accepts (its argparse dests), from train.py of timm's repository at the
@@ -200,6 +218,10 @@ def _image_folder(root: Path, classes=3, per_class=6, size=24, empty_class=False
     (['--model', 'resnet18_nlp_12345'], r"Unknown model 'resnet18_nlp_12345'.*Invalid stride digits '12345'"),
     (['--model', 'resnet18-blur-1222'], r"Unknown pooling method 'blur'.*Valid methods"),
     (['--model', 'vit_nlp_1222'], r"Unknown model 'vit_nlp_1222'"),
+    (['-b', '2000'], r'--batch-size 2000 is larger than the 1437 training images: .* use --batch-size 1437 or less'),
+    (['--epochs', '0'], r'argument --epochs: must be at least 1, got 0'),
+    (['--stock-weights', 'weights/resnet18.safetensors'],
+     r"stock_weights file 'weights/resnet18.safetensors' does not exist"),
 ])
 def test_bad_input_fails_before_training(tmp_path, args, pattern):
     out = tmp_path / 'out'
@@ -213,6 +235,25 @@ def test_empty_class_folder_fails_before_training(tmp_path):
     proc = _cli('train', '--data-dir', data, '--output', tmp_path / 'out', check=False, timeout=120)
     assert proc.returncode == 2 and "Class folder" in proc.stderr and 'class2' in proc.stderr
     assert 'contains no images' in proc.stderr and not (tmp_path / 'out').exists()
+
+
+def test_eval_classes_missing_from_train_fail_before_training(tmp_path):
+    data = _image_folder(tmp_path / 'data', per_class=1)
+    for name in ('zebra', 'yak'):
+        (data / 'val' / name).mkdir()
+        Image.new('RGB', (8, 8)).save(data / 'val' / name / '0.png')
+    proc = _cli('train', '--data-dir', data, '--val-split', 'val', '--output', tmp_path / 'out', check=False,
+                timeout=120)
+    assert proc.returncode == 2 and re.search(r"val' has classes that .*train' lacks: yak, zebra", proc.stderr)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_profile_rejects_image_sizes_below_one(capsys):
+    from timm_nlp.cli import build_parser
+    for size in ('0', '-8'):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(['profile', 'resnet18', '--img-size', size])
+        assert f'argument --img-size: must be at least 1, got {size}' in capsys.readouterr().err
 
 
 def test_image_folder_training(tmp_path):
@@ -248,7 +289,11 @@ def test_compare_trains_an_architecture_string(ema_run):
     (row,) = _table(stdout)
     assert row[0] == 'resnet18-lip-4422' and Path(row[8]).is_file()
     assert float(row[4]) == 32  # profiled at 16x16: the stem norm's 64 x 8 x 8 float32 input and output
-    assert float(row[1]) == pytest.approx(float(_summary(out / 'resnet18-lip-4422')[-1]['eval_top1']), abs=5e-3)
+    # with EMA, both top-1 columns are the EMA's, as are the weights (the model's own top-1 differs, EMA_RUN)
+    (last,) = _summary(out / 'resnet18-lip-4422')
+    assert float(row[1]) == pytest.approx(float(last['eval_ema_top1']), abs=5e-3) == float(row[2])
+    assert float(row[1]) != pytest.approx(float(last['eval_top1']), abs=5e-3)
+    assert '1 models, 1 epochs each, 16x16 input, top-1 of the EMA weights' in stdout
 
 
 @pytest.mark.slow
@@ -294,6 +339,36 @@ def test_rerun_of_a_finished_run_returns_its_recorded_results(ema_run):
     proc = _cli(*EMA_RUN, '--data-dir', data, '--output', out)
     assert re.search(r'Resumed from .*last.safetensors. at epoch 1 of 1', proc.stderr)
     assert _table(proc.stdout) == _table(stdout)  # metrics, throughput and weights of the finished run
+
+
+@pytest.mark.slow
+def test_rerun_with_model_ema_toggled_keeps_the_ranked_weights(ema_run, tmp_path):
+    """model.safetensors holds the weights its checkpoint's own metric ranked, whatever --model-ema says now."""
+    import shutil
+    from timm_nlp.checkpoint import load_weights, read_metadata
+    data, out, stdout = ema_run
+    shutil.copytree(out, tmp_path / 'ema')
+    run = tmp_path / 'ema' / 'resnet18-lip-4422'
+    model_file = run / 'model.safetensors'
+    model_file.unlink()  # written again by the rerun
+    proc = _cli(*[a for a in EMA_RUN if a != '--model-ema'], '--data-dir', data, '--output', tmp_path / 'ema')
+    assert _table(proc.stdout) == [[c.replace(str(out), str(tmp_path / 'ema')) for c in r] for r in _table(stdout)]
+    best = load_training_checkpoint(str(run / 'model_best.safetensors'))
+    weights = load_weights(str(model_file))
+    assert all(torch.equal(weights[k], v) for k, v in best['state_dict_ema'].items())
+    assert read_metadata(str(model_file))['top1'] == best['metric'] == float(_summary(run)[0]['eval_ema_top1'])
+    assert read_metadata(str(model_file))['recipe']['model_ema'] is True
+    # a run without EMA, rerun with --model-ema: its own weights (there is no EMA to export)
+    args = ['train', '--model', 'resnet18_skip_1222', '--data-dir', data, '--val-split', 'val', '--epochs', '1',
+            '-b', '12', '--img-size', '16', '--no-progress', '--output', tmp_path / 'plain']
+    _cli(*args)
+    model_file = tmp_path / 'plain' / 'model.safetensors'
+    model_file.unlink()
+    _cli(*args, '--model-ema')
+    best = load_training_checkpoint(str(tmp_path / 'plain' / 'model_best.safetensors'))
+    weights = load_weights(str(model_file))
+    assert 'state_dict_ema' not in best and all(torch.equal(weights[k], v) for k, v in best['state_dict'].items())
+    assert read_metadata(str(model_file))['top1'] == float(_summary(tmp_path / 'plain')[0]['eval_top1'])
 
 
 @pytest.mark.slow
@@ -345,6 +420,40 @@ def test_initial_checkpoint_of_another_architecture_fails_before_training(tmp_pa
                 '--output', tmp_path / 'out', check=False, timeout=120)
     assert proc.returncode == 2 and 'Checkpoint does not match resnet18-lip-2222' in proc.stderr, proc.stderr[-2000:]
     assert 'layer1.0.aa' in proc.stderr and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('recorded,model,error', [
+    ('resnet18_avgp_2222', 'resnet18_maxp_2222', 'resnet18_avgp_2222, not of resnet18-maxp-2222'),  # no parameters
+    ('resnet18_nlp_2222', 'resnet18_nlp_nowin_2222', 'resnet18_nlp_2222, not of resnet18-nlp_nowin-2222'),
+    ('resnet18_maxp_2222', 'resnet18_maxp_4222', 'resnet18_maxp_2222, not of resnet18-maxp-4222'),  # strides
+    ('resnet18', 'resnet18_skip_1222', 'resnet18, not of resnet18-skip-1222'),  # a stock timm model
+    ('RESNET18-MAXP-2222', 'resnet18_maxp_2222', None),  # the seed spelling of the same architecture
+])
+def test_initial_checkpoint_of_another_recorded_architecture(tmp_path, recorded, model, error):
+    """Architectures with the same tensors are told apart by the architecture the checkpoint records."""
+    import argparse
+    from timm_nlp.checkpoint import save_weights
+    from timm_nlp.models import create_model
+    from timm_nlp.trainer import _build_model, add_train_args
+    path = str(tmp_path / 'src.safetensors')
+    save_weights(path, create_model(model, num_classes=3).state_dict(), dict(architecture=recorded))
+    args = add_train_args(argparse.ArgumentParser()).parse_args(['--model', model, '--initial-checkpoint', path])
+    if error is None:
+        _build_model(args, 3)
+    else:
+        with pytest.raises(ValueError, match=f"holds weights of {error}: --initial-checkpoint needs the same"):
+            _build_model(args, 3)
+
+
+def test_resume_from_plain_weights_is_refused(tmp_path):
+    from timm_nlp.checkpoint import save_weights
+    path = tmp_path / 'model.safetensors'
+    save_weights(str(path), timm.create_model('resnet18_lip_2222', num_classes=10).state_dict(),
+                 dict(architecture='resnet18_lip_2222', num_classes=10))
+    proc = _cli('train', '--model', 'resnet18_lip_2222', '--resume', path, '--output', tmp_path / 'out', check=False,
+                timeout=120)
+    assert proc.returncode == 2 and 'holds plain model weights, not a training checkpoint' in proc.stderr
+    assert 'use --initial-checkpoint' in proc.stderr and not (tmp_path / 'out' / 'summary.csv').exists()
 
 
 def test_saver_metadata_cannot_shadow_its_own_keys(tmp_path):

@@ -33,10 +33,15 @@ def _compare(args: argparse.Namespace) -> List[dict]:
         result['stage1_kib'] = stage1(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
         results.append(result)
     if results:
-        print(f'\n{len(results)} models, {args.epochs} epochs each, {args.img_size}x{args.img_size} input\n')
+        # top-1 and best top-1 are of the weights that rank the checkpoints and are exported: the EMA's with EMA
+        ema = [r['model'] for r in results if r['eval_metric'] == 'ema_top1']
+        note = ', top-1 of the EMA weights' if ema else ''
+        if ema and len(ema) < len(results):
+            note += f" ({', '.join(ema)})"
+        print(f'\n{len(results)} models, {args.epochs} epochs each, {args.img_size}x{args.img_size} input{note}\n')
         header = ['model', 'top-1 (%)', 'best top-1 (%)', 'params (M)', 'peak act. mem (KiB)',
                   'stage-1 map (KiB)', 'train img/s', 'eval img/s', 'weights']
-        rows = [[r['model'], f"{r['top1']:.2f}", f"{r['best_top1']:.2f}", f"{r['params'] / 1e6:.2f}",
+        rows = [[r['model'], f"{r[r['eval_metric']]:.2f}", f"{r['best_top1']:.2f}", f"{r['params'] / 1e6:.2f}",
                  f"{r['peak_kib']:.0f}", f"{r['stage1_kib']:.0f}", f"{r['train_img_s']:.0f}",
                  f"{r['eval_img_s']:.0f}", r['weights']] for r in results]
         print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
@@ -91,7 +96,7 @@ def _stl10(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer import add_train_args
+    from .trainer import add_train_args, positive_int
     parser = argparse.ArgumentParser(prog='timm-nlp', description='Self-Attentive Pooling for timm.')
     sub = parser.add_subparsers(dest='command', required=True)
     p = add_train_args(sub.add_parser('train', help='train one model (default data: scikit-learn digits)'))
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.1, img_size=28)
     p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')
     p.add_argument('models', nargs='+', help='registered model names (stock timm names too)')
-    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--img-size', type=positive_int, default=224)
     p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
     p.add_argument('--compare', action='store_true', help='one table, each model against its stock base model')
     p.add_argument('--plot', default='', help='draw the per-layer memory curves to this PNG (matplotlib)')
@@ -132,6 +137,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from timm.utils import setup_default_logging
+    from .trainer import close_distributed
     setup_default_logging()
     logging.getLogger('timm').setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
@@ -140,6 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f'timm-nlp {args.command}: error: {e}', file=sys.stderr)
         return 2
+    finally:
+        close_distributed()  # train() keeps the process group of torchrun for its later calls (compare)
     return 0
 
 

@@ -39,9 +39,13 @@ def _checkpoint_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
 
 
 def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
-    """README.md with Hub metadata: method, paper, architecture, recipe, results and usage."""
+    """README.md with Hub metadata: method, paper, architecture, recipe, results and usage.
+
+    A stock timm model (``timm-nlp train --model resnet18``, the baseline of a comparison) gets the same card
+    without the pooling rows.
+    """
     from .profiler import activation_profile, count_macs
-    arch: ArchSpec = model.arch
+    arch: Optional[ArchSpec] = getattr(model, 'arch', None)
     recipe = meta.get('recipe') or {}
     size = recipe.get('img_size') or model.pretrained_cfg['input_size'][-1]
     params = sum(p.numel() for p in model.parameters())
@@ -49,23 +53,29 @@ def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
     peak = activation_profile(model, (3, size, size)).peak_bytes
     dataset = recipe.get('dataset', 'unknown')
     top1 = meta.get('top1')
+    pool_tags = ['- self-attentive-pooling', f'- {arch.pool.method}'] if arch else []
     front = ['---', 'license: apache-2.0', 'library_name: timm', 'pipeline_tag: image-classification',
-             'tags:', '- image-classification', '- timm', '- timm-nlp', '- self-attentive-pooling',
-             f'- {arch.pool.method}', 'datasets:', f'- {dataset}', 'metrics:', '- accuracy', '---']
-    rows = [('architecture (timm name)', f'`{meta["architecture"]}`'), ('architecture (seed form)', f'`{arch.seed}`'),
-            ('base model', f'timm `{arch.base_name}`'), ('classes', meta['num_classes']),
-            ('params', f'{params / 1e6:.2f} M'), (f'MACs @{size}x{size}', f'{macs / 1e6:.1f} M'),
+             'tags:', '- image-classification', '- timm', '- timm-nlp', *pool_tags,
+             'datasets:', f'- {dataset}', 'metrics:', '- accuracy', '---']
+    seed_row = [('architecture (seed form)', f'`{arch.seed}`')] if arch else []
+    base = arch.base_name if arch else model.pretrained_cfg['architecture']
+    rows = [('architecture (timm name)', f'`{meta["architecture"]}`'), *seed_row, ('base model', f'timm `{base}`'),
+            ('classes', meta['num_classes']), ('params', f'{params / 1e6:.2f} M'),
+            (f'MACs @{size}x{size}', f'{macs / 1e6:.1f} M'),
             (f'peak activation memory @{size}x{size}, batch 1 (layer-by-layer)', f'{peak / 1024:.1f} KiB')]
     if top1 is not None:
         rows.append((f'top-1 on {dataset}', f'{top1:.2f} %'))
     recipe_lines = [f'- {k}: {v}' for k, v in recipe.items()] or ['- not recorded in the checkpoint']
-    prepool = f', pre-pool {arch.prepool} stride {arch.prepool_stride}' if arch.prepool else ''
+    if arch:
+        prepool = f', pre-pool {arch.prepool} stride {arch.prepool_stride}' if arch.prepool else ''
+        intro = (f'An image classifier with **Self-Attentive Pooling** layers ({arch.pool} pooling, stage strides '
+                 f'{arch.digits}{prepool}{", dynamic convolutions" if arch.dynamic else ""}), built on timm\'s '
+                 f'`{arch.base_name}` by [timm-nlp](https://pypi.org/project/timm-nlp/).')
+    else:
+        intro = (f'The stock timm `{base}` image classifier (no pooling layers: the baseline of the pooled models), '
+                 'trained by [timm-nlp](https://pypi.org/project/timm-nlp/).')
     body = [
-        f'# {repo_id.split("/")[-1]}', '',
-        f'An image classifier with **Self-Attentive Pooling** layers ({arch.pool} pooling, stage strides '
-        f'{arch.digits}{prepool}{", dynamic convolutions" if arch.dynamic else ""}), built on timm\'s '
-        f'`{arch.base_name}` by '
-        '[timm-nlp](https://pypi.org/project/timm-nlp/).', '',
+        f'# {repo_id.split("/")[-1]}', '', intro, '',
         'Method: F. Chen, G. Datta, S. Kundu, P. A. Beerel, *Self-Attentive Pooling for Efficient Deep Learning*, '
         'WACV 2023 ([arXiv 2209.07659](https://arxiv.org/abs/2209.07659)). The pooling weights every activation '
         'by a non-local, self-attention-derived importance map before down-sampling, so the network can '
@@ -92,7 +102,9 @@ def export_for_hub(checkpoint: str, out_dir: str, repo_id: str) -> Path:
     recipe = meta.get('recipe') or {}
     data_config = {'input_size': (3, recipe['img_size'], recipe['img_size']), 'crop_pct': 1.0} \
         if recipe.get('img_size') else None
-    model_config = dict(arch_seed=model.arch.seed, timm_nlp_version=timm_nlp_version())
+    model_config = dict(timm_nlp_version=timm_nlp_version())
+    if hasattr(model, 'arch'):  # a pooled model; a stock timm model (the baseline) has no seed form
+        model_config['arch_seed'] = model.arch.seed
     if meta.get('label_names'):
         model_config['label_names'] = list(meta['label_names'])
     out = Path(out_dir)

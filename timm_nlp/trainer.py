@@ -8,6 +8,7 @@ checkpoints, automatic resume and DistributedDataParallel under torchrun (gloo o
 import argparse
 import hashlib
 import logging
+import math
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -23,12 +24,15 @@ from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationEvaluator, ClassificationTask, evaluation_sample_limit
 from timm.utils import random_seed, update_summary
 
-from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, save_weights
+from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, read_metadata, save_weights
 from .grammar import ArchSpec
 from .layers import DynamicConv2d, set_dynamic_temperature
 from .models import adapt_input_channels, checkpoint_filter_fn, create_model, load_stock_source
 
-__all__ = ['add_train_args', 'train', 'DigitsDataset', 'resolve_datasets', 'process_device']
+__all__ = [
+    'add_train_args', 'train', 'DigitsDataset', 'resolve_datasets', 'process_device', 'positive_int',
+    'close_distributed',
+]
 
 _logger = logging.getLogger('timm_nlp.train')
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
@@ -96,7 +100,12 @@ def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
         train_root = _check_image_folder(args.data_dir, 'train')
         eval_root = _check_image_folder(args.data_dir, args.val_split)
         train_ds = create_dataset('', root=train_root, is_training=True)
-        eval_ds = create_dataset('', root=eval_root, class_map=train_ds.reader.class_to_idx)
+        class_to_idx = train_ds.reader.class_to_idx
+        extra = sorted(set(create_dataset('', root=eval_root).reader.class_to_idx) - set(class_to_idx))
+        if extra:
+            raise ValueError(f"'{eval_root}' has classes that '{train_root}' lacks: {', '.join(extra)}; the model "
+                             'could not predict them (train and eval splits need the same class folders).')
+        eval_ds = create_dataset('', root=eval_root, class_map=class_to_idx)
     else:
         train_ds, eval_ds = DigitsDataset('train'), DigitsDataset('validation')
     if hasattr(train_ds, 'reader') and hasattr(train_ds.reader, 'class_to_idx'):
@@ -110,6 +119,14 @@ def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
     return train_ds, eval_ds, args.num_classes or num_classes
 
 
+def positive_int(value: str) -> int:
+    """argparse type of counts and sizes: an int of at least 1 (argparse names the option in its error)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {number}')
+    return number
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``timm-nlp train`` arguments (names follow timm's train.py where they overlap)."""
     parser.add_argument('--model', default='resnet18_nlp_headfix2_2222',
@@ -120,9 +137,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--val-split', default='validation')
     parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--output', default='output/train', help='run directory (checkpoints, summary.csv)')
-    parser.add_argument('--epochs', type=int, default=5)
-    parser.add_argument('--batch-size', '-b', type=int, default=32)
-    parser.add_argument('--img-size', type=int, default=32)
+    parser.add_argument('--epochs', type=positive_int, default=5)
+    parser.add_argument('--batch-size', '-b', type=positive_int, default=32)
+    parser.add_argument('--img-size', type=positive_int, default=32)
     parser.add_argument('--opt', default='sgd')
     parser.add_argument('--lr', type=float, default=0.05)
     parser.add_argument('--momentum', type=float, default=0.9)
@@ -167,6 +184,7 @@ def process_device(device: str) -> str:
 
 
 def _init_distributed(device: str) -> Tuple[bool, int, int]:
+    """Join torchrun's process group, once per process: later ``train`` calls (compare) reuse it."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if world <= 1:
         return False, 0, 1
@@ -175,6 +193,12 @@ def _init_distributed(device: str) -> Tuple[bool, int, int]:
     if not dist.is_initialized():
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
     return True, dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leave the process group ``train`` joined under torchrun, if any (call once, after the last ``train``)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -224,13 +248,32 @@ def _load_initial_checkpoint(model: torch.nn.Module, path: str) -> None:
     """Load ``--initial-checkpoint`` weights as published weights load (``checkpoint_filter_fn``).
 
     A classifier of another class count keeps its initialisation (reset, as timm does); a first conv of another
-    ``in_chans`` is adapted; a checkpoint of another architecture raises a ValueError naming the tensors.
+    ``in_chans`` is adapted; a checkpoint of another architecture raises a ValueError: by the architecture its
+    timm-nlp metadata records (which tells apart architectures with the same tensors, e.g. maxp and avgp), else
+    naming the tensors that do not match.
     """
+    _check_recorded_architecture(model, path)
     state_dict = adapt_input_channels(checkpoint_filter_fn(load_weights(path), model), model)
     model.load_state_dict(state_dict, strict=False)
     reset = [k for k in model.state_dict() if k not in state_dict]
     if reset:
         _logger.warning(f"'{path}' has another class count: {', '.join(reset)} keep their initialisation")
+
+
+def _check_recorded_architecture(model: torch.nn.Module, path: str) -> None:
+    """Raise a ValueError if the timm-nlp metadata of checkpoint ``path`` records another architecture than the
+    pooled ``model``'s (compared as parsed ArchSpecs, so seed and timm spellings agree)."""
+    arch: Optional[ArchSpec] = getattr(model, 'arch', None)
+    recorded = (read_metadata(path) or {}).get('architecture') if path.endswith('.safetensors') else None
+    if arch is None or not recorded:
+        return
+    try:
+        same = ArchSpec.parse(recorded) == arch
+    except ValueError:  # a stock timm model
+        same = False
+    if not same:
+        raise ValueError(f"'{path}' holds weights of {recorded}, not of {arch.seed}: --initial-checkpoint needs the "
+                         'same architecture (--stock-weights starts a pooled model from stock weights of its base).')
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
@@ -239,11 +282,17 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     distributed, rank, world = _init_distributed(str(device))
     random_seed(args.seed)
     train_ds, eval_ds, num_classes = resolve_datasets(args)
+    per_process = math.ceil(len(train_ds) / world)
+    if per_process < args.batch_size:
+        images = f'{len(train_ds)} training images' if world == 1 else \
+            f'{per_process} training images of each process ({len(train_ds)} split over {world} processes)'
+        raise ValueError(f'--batch-size {args.batch_size} is larger than the {images}: the incomplete last batch is '
+                         f'dropped, so nothing would be trained; use --batch-size {per_process} or less.')
     model = _build_model(args, num_classes).to(device)
     data_cfg = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size)), model=model)
     loader_kw = dict(input_size=data_cfg['input_size'], mean=data_cfg['mean'], std=data_cfg['std'],
                      interpolation=data_cfg['interpolation'], num_workers=args.workers, distributed=distributed,
-                     use_prefetcher=False, device=device, persistent_workers=args.workers > 0)
+                     use_prefetcher=False, device=device, persistent_workers=False)  # workers seeded per epoch
     digits = isinstance(train_ds, DigitsDataset)
     hflip = args.hflip if args.hflip is not None else (0. if digits else 0.5)
     scale = tuple(args.scale) if args.scale is not None else ((0.6, 1.) if digits else (0.08, 1.))
@@ -279,6 +328,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                                            metadata=dict(export_meta, eval_metric=eval_metric))
     if resume:
         ckpt = load_training_checkpoint(resume)
+        if 'state_dict' not in ckpt:
+            raise ValueError(f"'{resume}' holds plain model weights, not a training checkpoint (last.safetensors, "
+                             'checkpoint-N.safetensors); to start from these weights, use --initial-checkpoint.')
         if ckpt.get('arch') not in (None, args.model):
             raise ValueError(f"'{resume}' is a checkpoint of '{ckpt.get('arch')}', not of '{args.model}'.")
         model.load_state_dict(ckpt['state_dict'])
@@ -293,7 +345,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             metrics, train_ips, eval_ips = ckpt['metrics'], ckpt['train_img_s'], ckpt['eval_img_s']
         if saver is not None and ckpt.get('eval_metric', 'top1') == eval_metric:
             saver.load_state_dict_from_checkpoint(resume)
-        elif saver is not None:  # the run's earlier checkpoints were ranked by another metric (e.g. older timm-nlp)
+        elif saver is not None and start_epoch < num_epochs:  # earlier checkpoints ranked by another metric
             _logger.warning(f"'{resume}' ranked its checkpoints by {ckpt.get('eval_metric', 'top1')}; this run ranks "
                             f'by {eval_metric}: the best checkpoint is chosen among the epochs from here on.')
         if rank == 0:
@@ -333,17 +385,19 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                   params=sum(p.numel() for p in model.parameters()), train_img_s=train_ips, eval_img_s=eval_ips,
                   **{k: v for k, v in metrics.items()})
     if rank == 0:
-        best = os.path.join(args.output, 'model_best.safetensors')
-        if os.path.isfile(best):
-            ckpt = load_training_checkpoint(best)
-            weights = ckpt.get('state_dict_ema') if args.model_ema else ckpt['state_dict']
+        best_path = os.path.join(args.output, 'model_best.safetensors')
+        if os.path.isfile(best_path):
+            # the weights its own eval metric ranked (a rerun may toggle --model-ema), described by its own metadata
+            best = load_training_checkpoint(best_path)
+            ranked_by = best.get('eval_metric', 'top1')
+            weights = best['state_dict_ema'] if ranked_by == 'ema_top1' else best['state_dict']
             save_weights(os.path.join(args.output, 'model.safetensors'), weights,
-                         dict(export_meta, epoch=ckpt['epoch'], top1=ckpt.get('metric')))
-            result.update(best_top1=saver.best_metric, best_epoch=saver.best_epoch, output=args.output,
-                          weights=os.path.join(args.output, 'model.safetensors'))
-    if distributed:
+                         dict({k: best.get(k, v) for k, v in export_meta.items()}, epoch=best['epoch'],
+                              top1=best['metric']))
+            result.update(eval_metric=ranked_by, best_top1=best['metric'], best_epoch=best['epoch'],
+                          output=args.output, weights=os.path.join(args.output, 'model.safetensors'))
+    if distributed:  # the process group stays for further train() calls (compare); the caller destroys it
         dist.barrier()
-        dist.destroy_process_group()
     return result
 
 

@@ -230,6 +230,8 @@ def load_stock_source(model: nn.Module, source: str) -> TransferReport:
     arch = getattr(model, 'arch', None)
     if os.path.isfile(source):
         state_dict = load_weights(source)
+    elif source.endswith(('.safetensors', '.pth', '.pt', '.bin', '.tar')):  # a file path, not a timm name.tag
+        raise FileNotFoundError(f"stock_weights file '{source}' does not exist.")
     else:
         base = source.split('.')[0]
         if arch is not None and base != arch.base_name:
