@@ -202,3 +202,7 @@ def test_profile_cli_compare_and_plot(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'profile', 'resnet18_lip_2222', '--img-size', '64'],
                           capture_output=True, text=True)
     assert '| 0 | conv1 (Conv2d) | 1x64x32x32 |' in proc.stdout
+    # a pooling step: its importance map in its own column, as large as its input; live is the sum of the columns
+    row = next(r.split('|') for r in proc.stdout.splitlines() if '| layer1.0.aa (WeightedPool2d) |' in r)
+    kib = [float(v) for v in row[4:9]]
+    assert kib[0] == kib[2] == 64 * 16 * 16 * 4 / 1024 and kib[4] == sum(kib[:4])

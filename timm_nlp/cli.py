@@ -58,10 +58,11 @@ def _profile(args: argparse.Namespace) -> None:
         print(f'\n{p.name}: {p.params / 1e6:.2f} M params, {p.macs / 1e9:.3f} GMACs, peak activation memory '
               f'{p.memory.peak_bytes / 1024:.1f} KiB at {p.memory.peak_layer.name}, largest map '
               f'{p.memory.largest_map_bytes / 1024:.1f} KiB ({args.img_size}x{args.img_size}, batch 1, {args.dtype})')
-        print('| step | layer | output | in KiB | out KiB | live KiB |\n|---|---|---|---|---|---|')
+        print('| step | layer | output | in KiB | out KiB | operand KiB | held KiB | live KiB |\n|' + '---|' * 8)
         for i, layer in enumerate(p.memory.layers):
+            kib = (layer.in_bytes, layer.out_bytes, layer.operand_bytes, layer.held_bytes, layer.live_bytes)
             print(f'| {i} | {layer.name} ({layer.kind}) | {"x".join(map(str, layer.out_shape))} | '
-                  f'{layer.in_bytes / 1024:.1f} | {layer.out_bytes / 1024:.1f} | {layer.live_bytes / 1024:.1f} |')
+                  + ' | '.join(f'{b / 1024:.1f}' for b in kib) + ' |')
     if args.compare:
         names = {p.name for p in profiles}
         bases = {p.name: p for p in profiles}
