@@ -11,6 +11,17 @@ from .window_pool import window_avg_pool2d
 __all__ = ['GaussianPool2d']
 
 
+def _window_variance(x: torch.Tensor, mean: torch.Tensor, s: int) -> torch.Tensor:
+    """Two-pass variance of every ``s x s`` window, ``mean((x - window mean)^2)``: over the ``s^2`` strided views
+    of the window positions where the windows tile ``x``, else through the nearest up-sampled mean (ceil mode)."""
+    H, W = x.shape[-2], x.shape[-1]
+    if H % s or W % s:
+        dev = x - upsample_patches(mean, (H, W), s)
+        return window_avg_pool2d(dev * dev, s)
+    views = [x[..., i::s, j::s] for i in range(s) for j in range(s)]
+    return torch.stack(views).sub(mean).square().mean(0)
+
+
 @register_notrace_module
 class GaussianPool2d(nn.Module):
     """``y = mean + softplus(eta) * std`` of each ``s x s`` window.
@@ -39,8 +50,7 @@ class GaussianPool2d(nn.Module):
         # windows among them), where sqrt(var + eps) would amplify E[x^2] - E[x]^2's rounding 1 / (2 sqrt(eps))-fold
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean = window_avg_pool2d(xf, s)
-        std = (window_avg_pool2d((xf - upsample_patches(mean, (x.shape[-2], x.shape[-1]), s)).square(), s)
-               + self.eps).sqrt()
+        std = (_window_variance(xf, mean, s) + self.eps).sqrt()
         g = x.mean((2, 3), keepdim=True)
         eta = self.mu(g)
         if self.training:
