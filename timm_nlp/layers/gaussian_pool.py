@@ -1,4 +1,6 @@
 """Gaussian-based pooling (Kobayashi, NeurIPS 2019)."""
+from typing import List
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -18,7 +20,10 @@ def _window_variance(x: torch.Tensor, mean: torch.Tensor, s: int) -> torch.Tenso
     if H % s or W % s:
         dev = x - upsample_patches(mean, (H, W), s)
         return window_avg_pool2d(dev * dev, s)
-    views = [x[..., i::s, j::s] for i in range(s) for j in range(s)]
+    views: List[torch.Tensor] = []
+    for i in range(s):
+        for j in range(s):
+            views.append(x[..., i::s, j::s])
     return torch.stack(views).sub(mean).square().mean(0)
 
 
