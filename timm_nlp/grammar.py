@@ -10,6 +10,11 @@ Architectures, two spellings of one ``ArchSpec``:
 * timm form (registered model names): ``[prepool_POOL_S_][dy]PREFIX_POOL_STRIDES``, e.g.
   ``prepool_nlp_headfix2_4_resnet18_nlp_headfix2_1222``, ``mobilenetv2_nlp_4222121``.
 
+The six backbones of the paper's code and their timm-form prefixes: resnet18 / resnet50 (``resnet18``, ``resnet50``:
+a stage's pool after its last block), resnet18_v2 / resnet50_v2 (``resnet18b1``, ``resnet50b1``: on its first
+block's output; not timm's pre-activation ResNetV2), mobilenet_v2 (``mobilenetv2``: on its first block's output) and
+mobilenet (``mobilenetv2b0``: before its first block; a MobileNetV2 too).
+
 Parsing is case-insensitive; every malformed string raises a ValueError naming the bad token and the
 valid choices.
 """
@@ -17,8 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, Optional, Tuple, Union
 
 __all__ = [
-    'POOL_METHODS', 'NONLOCAL_METHODS', 'POOL_MODIFIERS', 'PoolSpec', 'Backbone', 'BACKBONES', 'SEED_ALIASES',
-    'ArchSpec',
+    'POOL_METHODS', 'NONLOCAL_METHODS', 'POOL_MODIFIERS', 'PoolSpec', 'Backbone', 'BACKBONES', 'ArchSpec',
 ]
 
 POOL_METHODS = ('skip', 'maxp', 'avgp', 'lip', 'gaussian_pool', 'nlp', 'dfmnlp', 'mixp', 'dfmixp')
@@ -84,28 +88,34 @@ class PoolSpec:
 
 @dataclass(frozen=True)
 class Backbone:
-    """A backbone of the grammar and the timm model it is built from."""
+    """A backbone of the grammar: its timm-form prefix, family, stock timm base model, stock stage strides and where
+    a stage's pooling layer sits in the paper's code (``end``: after the stage's last block; ``first``: on the first
+    block's output; ``before``: before the first block)."""
     seed: str
-    base: str
     prefix: str
-    stock: str
     family: str
-    stem_strides: Tuple[int, ...]
+    base: str
+    stock_strides: str
+    placement: str
 
     @property
     def num_stages(self) -> int:
-        return len(self.stock)
+        return len(self.stock_strides)
+
+    @property
+    def stem_strides(self) -> Tuple[int, ...]:
+        """The stem's down-sampling steps: ResNet's strided conv and max-pool, MobileNetV2's strided conv."""
+        return (2, 2) if self.family == 'resnet' else (2,)
 
 
 BACKBONES: Dict[str, Backbone] = {b.seed: b for b in (
-    Backbone('resnet18', 'resnet18', 'resnet18', '1222', 'resnet', (2, 2)),
-    Backbone('resnet50', 'resnet50', 'resnet50', '1222', 'resnet', (2, 2)),
-    Backbone('resnet18_v2', 'resnetv2_18', 'resnetv2_18', '1222', 'resnetv2', (2, 2)),
-    Backbone('resnet50_v2', 'resnetv2_50', 'resnetv2_50', '1222', 'resnetv2', (2, 2)),
-    Backbone('mobilenet_v2', 'mobilenetv2_100', 'mobilenetv2', '1222121', 'efficientnet', (2,)),
+    Backbone('resnet18', 'resnet18', 'resnet', 'resnet18', '1222', 'end'),
+    Backbone('resnet50', 'resnet50', 'resnet', 'resnet50', '1222', 'end'),
+    Backbone('resnet18_v2', 'resnet18b1', 'resnet', 'resnet18', '1222', 'first'),
+    Backbone('resnet50_v2', 'resnet50b1', 'resnet', 'resnet50', '1222', 'first'),
+    Backbone('mobilenet_v2', 'mobilenetv2', 'mobilenetv2', 'mobilenetv2_100', '1222121', 'first'),
+    Backbone('mobilenet', 'mobilenetv2b0', 'mobilenetv2', 'mobilenetv2_100', '1222121', 'before'),
 )}
-# the paper's code had two MobileNetV2 implementations under these names
-SEED_ALIASES = {'mobilenet': 'mobilenet_v2'}
 _BY_PREFIX = {b.prefix: b for b in BACKBONES.values()}
 
 
@@ -126,7 +136,7 @@ def _parse_strides(token: str, backbone: Backbone, where: str) -> Tuple[int, ...
     if not (token.isascii() and token.isdigit() and len(token) == backbone.num_stages and '0' not in token):
         raise ValueError(
             f"Invalid stride digits '{token}' in '{where}': {backbone.seed} takes {backbone.num_stages} digits 1-9, "
-            f"one per stage (stock: {backbone.stock}).")
+            f"one per stage (stock: {backbone.stock_strides}).")
     return tuple(int(c) for c in token)
 
 
@@ -154,11 +164,10 @@ class ArchSpec:
     prepool_stride: Optional[int] = None
 
     def __post_init__(self):
-        name = SEED_ALIASES.get(self.backbone, self.backbone)
+        name = self.backbone
         if name not in BACKBONES:
-            raise ValueError(f"Unknown backbone '{self.backbone}'. Valid backbones: "
-                             f"{_choices(list(BACKBONES) + list(SEED_ALIASES))} (optionally prefixed with 'dy').")
-        object.__setattr__(self, 'backbone', name)
+            raise ValueError(f"Unknown backbone '{self.backbone}'. Valid backbones: {_choices(BACKBONES)} "
+                             "(optionally prefixed with 'dy').")
         if isinstance(self.pool, str):
             object.__setattr__(self, 'pool', PoolSpec.parse(self.pool))
         if isinstance(self.prepool, str):
@@ -169,7 +178,7 @@ class ArchSpec:
         strides = tuple(strides)
         if len(strides) != BACKBONES[name].num_stages or not all(isinstance(s, int) and 1 <= s <= 9 for s in strides):
             raise ValueError(f"Invalid strides {strides}: {name} takes {BACKBONES[name].num_stages} integers 1-9, one "
-                             f"digit per stage (stock: {BACKBONES[name].stock}).")
+                             f"digit per stage (stock: {BACKBONES[name].stock_strides}).")
         object.__setattr__(self, 'strides', strides)
         if (self.prepool is None) != (self.prepool_stride is None):
             raise ValueError('A pre-pool needs both prepool and prepool_stride (got '
@@ -214,16 +223,35 @@ class ArchSpec:
             out.append(r)
         return tuple(out)
 
-    def output_size(self, img_size: int) -> int:
-        """Side of the final feature map for a square input (every down-sampling step rounds up)."""
-        size = img_size
-        for s in self.stem_strides + self.strides:
-            size = -(-size // s)
-        return size
+    def output_sizes(self, img_size: int, pool_ceil_mode: bool = False) -> Tuple[int, ...]:
+        """Side of the map after the stem and after every stage, for a square input: a strided convolution
+        (``skip``, the stem) gives ``ceil(H / s)``, a pooling layer ``H // s`` (at least 1; ``ceil(H / s)`` with
+        ``pool_ceil_mode``, the in-block placement)."""
+        def pooled(size: int, s: int) -> int:
+            return -(-size // s) if pool_ceil_mode else max(1, size // s)
+
+        if self.prepool is None:
+            size = -(-img_size // 2)
+            if self.spec.family == 'resnet':
+                size = max(1, size // 2)  # the stem max-pool: kernel 2, floor mode
+        elif self.prepool.method == 'skip':
+            size = -(-img_size // self.prepool_stride)
+        else:
+            size = max(1, img_size // self.prepool_stride)
+        out = [size]
+        for s in self.strides:
+            if s > 1:
+                size = -(-size // s) if self.pool.method == 'skip' else pooled(size, s)
+            out.append(size)
+        return tuple(out)
+
+    def output_size(self, img_size: int, pool_ceil_mode: bool = False) -> int:
+        """Side of the final feature map for a square input."""
+        return self.output_sizes(img_size, pool_ceil_mode)[-1]
 
     @property
     def base_name(self) -> str:
-        """The timm model the architecture is built from (its stock-weight source)."""
+        """The stock timm model of the backbone (its stock-weight source and its stock comparison)."""
         return self.spec.base
 
     def with_strides(self, strides: Union[str, Tuple[int, ...]]) -> 'ArchSpec':
@@ -259,10 +287,9 @@ class ArchSpec:
         backbone, pool, strides = tokens
         dynamic = backbone.startswith('dy')
         name = backbone[2:] if dynamic else backbone
-        name = SEED_ALIASES.get(name, name)
         if name not in BACKBONES:
-            raise ValueError(f"Unknown backbone '{backbone}' in '{seed}'. Valid backbones: "
-                             f"{_choices(list(BACKBONES) + list(SEED_ALIASES))} (optionally prefixed with 'dy').")
+            raise ValueError(f"Unknown backbone '{backbone}' in '{seed}'. Valid backbones: {_choices(BACKBONES)} "
+                             "(optionally prefixed with 'dy').")
         return cls(name, _parse_pool(pool, seed), _parse_strides(strides, BACKBONES[name], seed), dynamic,
                    prepool, prepool_stride)
 

@@ -1,48 +1,148 @@
 """Non-local importance of Self-Attentive Pooling (Chen et al., WACV 2023, arXiv 2209.07659).
 
-Patch embedding (conv k=p, stride p, or a deformable conv for dfmnlp), a learned 2-D position
-embedding resampled to any token grid, multi-head self-attention through
-``F.scaled_dot_product_attention`` (timm's ``Attention``: no materialised N x N matrix), then restore:
-nearest up-sampling, conv1x1, BN and sigmoid (the conv1x1, and in eval BN and sigmoid too, commute with the
-up-sampling and run on the tokens).
+As the paper's code computes it: a patch embedding (conv k=p, stride p, BN, ReLU; a modulated deformable conv for
+dfmnlp), DETR's learned row/column position embedding, multi-head self-attention exactly as
+``nn.MultiheadAttention`` defines it (here through timm's ``Attention``, i.e. ``F.scaled_dot_product_attention``:
+no N x N matrix), then restore: nearest up-sampling to the input size, conv1x1, BN, sigmoid, and ``w = exp(.)``.
+
+The restore conv, BN, sigmoid and exp are pointwise, so they run on the p^2-times fewer tokens and only their
+result is up-sampled (a gather). In training, BN's batch statistics are those of the up-sampled map: the tokens
+weighted by how many pixels each one covers, the running variance with the up-sampled map's element count.
 """
-import math
-from typing import Optional, Tuple, Type
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import deform_conv2d
 
-from timm.layers import Attention, trunc_normal_
+from timm.layers import Attention
 
-__all__ = ['DeformConv2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'upsample_patches']
+from .dynamic_conv import DynamicConv2d
+
+__all__ = [
+    'DeformConv2d', 'LearnedPosEmbed2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'nearest_index',
+    'upsample_nearest', 'upsampled_batch_norm', 'resample_at_offsets',
+]
+
+ConvLayer = Callable[..., nn.Module]
 
 
 def nlp_embed_dim(channels: int, embed_ratio: float, num_heads: int) -> int:
-    """Embedding width ``D = round(ratio * C / heads) * heads``, at least ``heads``."""
-    return max(num_heads, int(round(embed_ratio * channels / num_heads)) * num_heads)
+    """Embedding width ``E = max(1, round(ratio * C / heads)) * heads`` (Python's round: half to even)."""
+    return max(1, round(embed_ratio * channels / num_heads)) * num_heads
 
 
-def upsample_patches(t: torch.Tensor, size: Tuple[int, int], factor: int) -> torch.Tensor:
-    """Nearest up-sampling of a per-patch map by ``factor``, cropped to ``size``.
+def nearest_index(size_out: int, size_in: int, device: torch.device) -> torch.Tensor:
+    """Source index ``(i * size_in) // size_out`` of every output position of a nearest up-sampling: the map of
+    ``F.interpolate(mode='nearest')``, in integer arithmetic (its float scale picks the previous source for some
+    factors, e.g. 41)."""
+    return torch.div(torch.arange(size_out, device=device) * size_in, size_out, rounding_mode='floor')
 
-    ``nearest-exact`` samples at pixel centres, which for an integer factor is the same map as ``nearest``, but
-    stays exact where ``nearest``'s ``floor(i * float32(1 / factor))`` picks the previous patch (factor 41, 47, ...).
-    Traced (for ONNX, which has no export of it), ``nearest`` is kept: ONNX's ``Resize`` divides by the factor, which
-    is exact; a ``torch.jit.trace`` graph keeps ``nearest``'s rounding at such factors (far above the paper's).
+
+def upsample_nearest(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Nearest up-sampling of ``t`` (B, C, h, w) to ``size`` (H, W), as a gather."""
+    h, w = t.shape[-2], t.shape[-1]
+    if size[0] != h:
+        t = t.index_select(2, nearest_index(size[0], h, t.device))
+    if size[1] != w:
+        t = t.index_select(3, nearest_index(size[1], w, t.device))
+    return t
+
+
+def _upsample_counts(size_out: int, size_in: int, device: torch.device) -> torch.Tensor:
+    """How many output positions each source position of a nearest up-sampling covers."""
+    return torch.bincount(nearest_index(size_out, size_in, device), minlength=size_in)
+
+
+def upsampled_batch_norm(t: torch.Tensor, bn: nn.BatchNorm2d, size: Tuple[int, int]) -> torch.Tensor:
+    """``bn`` of the nearest up-sampling of ``t`` to ``size``, computed on ``t``.
+
+    In eval BN is pointwise. In training the batch statistics (and the running-statistics update) are those of the
+    up-sampled map: every token weighted by the pixels it covers, the unbiased variance over ``B * H * W`` values.
     """
-    if factor > 1:
-        mode = 'nearest' if torch.jit.is_tracing() else 'nearest-exact'
-        t = F.interpolate(t, scale_factor=float(factor), mode=mode)
-    return t[:, :, :size[0], :size[1]]
+    h, w = t.shape[-2], t.shape[-1]
+    if not bn.training or (h == size[0] and w == size[1]):
+        return bn(t)
+    rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
+    cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
+    cover = rows[:, None] * cols[None, :]
+    n = t.shape[0] * size[0] * size[1]
+    mean = (t * cover).sum((0, 2, 3)) / n
+    dev = t - mean[None, :, None, None]
+    var = (dev.square() * cover).sum((0, 2, 3)) / n
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        assert bn.num_batches_tracked is not None
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1. / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1. - momentum).add_(mean.detach(), alpha=momentum)
+            bn.running_var.mul_(1. - momentum).add_(var.detach(), alpha=momentum * n / max(n - 1, 1))
+    out = dev * torch.rsqrt(var + bn.eps)[None, :, None, None]
+    if bn.weight is not None and bn.bias is not None:
+        out = out * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+    return out
+
+
+def resample_at_offsets(w: torch.Tensor, offset: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The weight map re-sampled where a deformable patch embedding looked: pixel ``(i k + r, j k + c)`` takes ``w``
+    bilinearly at ``(i k + r - dy, j k + c - dx)`` (clamped to the map), with ``(dy, dx)`` the offset of kernel
+    position ``(r, c)`` at token ``(i, j)`` (torchvision's layout). Pixels beyond the token grid keep their value.
+    """
+    B, C, H, W = w.shape
+    k = kernel_size
+    h, wt = offset.shape[-2], offset.shape[-1]
+    Hk, Wk = min(h * k, H), min(wt * k, W)
+    off = offset.reshape(B, k, k, 2, h, wt).permute(0, 3, 4, 1, 5, 2).reshape(B, 2, h * k, wt * k)
+    off = off[:, :, :Hk, :Wk]
+    ys = torch.arange(Hk, device=w.device, dtype=w.dtype)[None, :, None] - off[:, 0]
+    xs = torch.arange(Wk, device=w.device, dtype=w.dtype)[None, None, :] - off[:, 1]
+    # align_corners=True: -1 and 1 are the centres of the first and last pixel; border padding clamps to them
+    ys = ys * (2. / (H - 1)) - 1. if H > 1 else ys * 0.
+    xs = xs * (2. / (W - 1)) - 1. if W > 1 else xs * 0.
+    sampled = F.grid_sample(w, torch.stack((xs, ys), -1), mode='bilinear', padding_mode='border', align_corners=True)
+    if Hk == H and Wk == W:
+        return sampled
+    out = w.clone()
+    out[:, :, :Hk, :Wk] = sampled
+    return out
+
+
+class LearnedPosEmbed2d(nn.Module):
+    """DETR's learned position embedding: token (i, j) gets ``concat(col[j], row[i])``.
+
+    The tables have ``num_pos`` rows (256 in the paper's code); a token grid larger than that is an error.
+    """
+
+    def __init__(self, dim: int, num_pos: int = 256, device=None, dtype=None):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f'LearnedPosEmbed2d: the embedding width must be even (half rows, half columns), '
+                             f'got {dim}.')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_pos = num_pos
+        self.row_embed = nn.Embedding(num_pos, dim // 2, **dd)
+        self.col_embed = nn.Embedding(num_pos, dim // 2, **dd)
+        nn.init.uniform_(self.row_embed.weight)
+        nn.init.uniform_(self.col_embed.weight)
+
+    def forward(self, h: int, w: int) -> torch.Tensor:
+        """The embedding of an ``h x w`` token grid, ``(1, dim, h, w)``."""
+        if h > self.num_pos or w > self.num_pos:
+            raise ValueError(f'Token grid {h}x{w} is larger than the position table ({self.num_pos} a side): use a '
+                             f'larger patch size, a smaller input, or pos_size >= {max(h, w)} (a new table).')
+        col = self.col_embed.weight[:w].t()[:, None, :].expand(-1, h, w)
+        row = self.row_embed.weight[:h].t()[:, :, None].expand(-1, h, w)
+        return torch.cat((col, row), 0)[None]
 
 
 class DeformConv2d(nn.Module):
-    """Deformable convolution (Dai et al., ICCV 2017) with offsets predicted from its input.
+    """Modulated deformable convolution (DCNv2) with kernel = stride = k and no padding, the patch embedding of
+    dfmnlp: offsets (2 k^2 channels, torchvision's layout) and mask (k^2) from convs 3x3, stride k, pad 1; the
+    sampling is ``torchvision.ops.deform_conv2d`` with the mask.
 
-    The offset branch is a plain conv of the same geometry, zero-initialised so the layer starts as a
-    regular convolution. The sampling itself is ``torchvision.ops.deform_conv2d``.
+    ``conv`` holds the sampling kernel, a plain conv or a ``DynamicConv2d`` (whose attention then reads the mean of
+    the modulated samples, as the paper's code computes it). Offsets and mask start at zero (mask 1/2).
     """
 
     def __init__(
@@ -50,59 +150,68 @@ class DeformConv2d(nn.Module):
             in_chs: int,
             out_chs: int,
             kernel_size: int,
-            stride: int = 1,
-            padding: int = 0,
-            bias: bool = True,
+            conv_layer: ConvLayer = nn.Conv2d,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.stride = stride
-        self.padding = padding
-        self.weight = nn.Parameter(torch.empty(out_chs, in_chs, kernel_size, kernel_size, **dd))
-        self.bias = nn.Parameter(torch.empty(out_chs, **dd)) if bias else None
-        self.offset = nn.Conv2d(in_chs, 2 * kernel_size * kernel_size, kernel_size, stride, padding, **dd)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
+        k = kernel_size
+        self.kernel_size = k
+        self.offset = conv_layer(in_chs, 2 * k * k, 3, stride=k, padding=1, bias=True, **dd)
+        self.mask = conv_layer(in_chs, k * k, 3, stride=k, padding=1, bias=True, **dd)
+        self.conv = conv_layer(in_chs, out_chs, k, stride=k, padding=0, bias=False, **dd)
         self.reset_offset()
 
     def reset_offset(self) -> None:
-        """Zero the offset branch: the layer is a regular convolution again (a backbone's conv init, which draws
-        every ``nn.Conv2d``, calls this after it)."""
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
+        """Zero the offset and mask branches: the layer samples the regular grid (a backbone's conv init, which
+        draws every convolution, calls this after it)."""
+        for m in (self.offset, self.mask):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torchvision's CPU kernel has no autocast rule: run it in the parameters' dtype, as its CUDA rule does; it has
-        # no bf16 kernel (CPU or CUDA) either, so bf16 runs in fp32 and the output is cast back.
-        # NaN offsets crash its kernel (segfault), so they become 0; a NaN input still gives a NaN output.
-        # Its CUDA backward fails ("internal overlap") on the weight of a 1x1 kernel in channels-last strides, which
-        # .contiguous() keeps (size-1 dims): the kernel gets an NCHW-strided copy.
-        dtype = self.weight.dtype
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The embedding ``(B, out, H // k, W // k)`` and the offsets it sampled with."""
+        B, C, H, W = x.shape
+        k = self.kernel_size
+        h, w = H // k, W // k
+        # torchvision has no bf16 kernel (CPU or CUDA) and no autocast rule on the CPU: compute in fp32 or the
+        # parameters' dtype. NaN offsets crash its kernel, so they become 0; a NaN input still gives a NaN output.
+        dtype = self.conv.weight.dtype
         compute = torch.float32 if dtype == torch.bfloat16 else dtype
-        offset = torch.nan_to_num(self.offset(x).to(compute))
-        bias = self.bias.to(compute) if self.bias is not None else None
-        out = deform_conv2d(
-            x.to(compute), offset, self.weight.to(compute, copy=True, memory_format=torch.contiguous_format), bias,
-            stride=(self.stride, self.stride), padding=(self.padding, self.padding))
-        return out.to(dtype)
+        xc = x.to(compute)
+        offset = torch.nan_to_num(self.offset(x)[:, :, :h, :w].to(compute))
+        mask = self.mask(x)[:, :, :h, :w].to(compute).sigmoid()
+        conv = self.conv
+        if isinstance(conv, DynamicConv2d):
+            # per-sample kernels: the batch as groups (offset groups too); attention of the modulated samples' mean
+            ones = torch.ones(C, 1, k, k, device=x.device, dtype=compute)
+            mean = deform_conv2d(xc, offset, ones, None, (k, k), mask=mask).mean((2, 3)) / (k * k)
+            weight = conv.mixed_weight(conv.attention_from_mean(mean.to(dtype))).to(compute)
+            out = deform_conv2d(
+                xc.reshape(1, B * C, H, W), offset.reshape(1, -1, h, w), weight, None, (k, k),
+                mask=mask.reshape(1, -1, h, w)).reshape(B, -1, h, w)
+        else:
+            # its CUDA backward fails ("internal overlap") on a 1x1 kernel in channels-last strides: an NCHW copy
+            weight = conv.weight.to(compute, copy=True, memory_format=torch.contiguous_format)
+            out = deform_conv2d(xc, offset, weight, None, (k, k), mask=mask)
+        return out.to(dtype), offset.to(dtype)
 
 
 class SelfAttentiveImportance(nn.Module):
-    """Non-local importance logit in (0, 1) for an input of ``channels`` channels.
+    """Non-local importance weights ``w = exp(sigmoid(BN(restore(attend(embed(x))))))`` of a map of ``channels``.
 
     Args:
         channels: Input channels C.
-        patch_size: Patch (token) size p; maps whose side is not a multiple of p are zero-padded.
-        embed_ratio: Embedding width D relative to C (rounded to a multiple of the head count).
-        num_heads: Attention heads; default ``max(1, C // 16)``.
-        deformable: Use a deformable patch embedding (dfmnlp).
-        pos_size: Side of the learned position-embedding grid, bilinearly resampled to the token grid.
+        patch_size: Patch (token) size p; the token grid is ``H // p x W // p`` (a map smaller than p is zero-padded
+            at the bottom/right for the embedding).
+        embed_ratio: Embedding width relative to C (see ``nlp_embed_dim``).
+        num_heads: Attention heads.
+        deformable: A modulated deformable patch embedding, the weight map re-sampled at the negated offsets
+            (dfmnlp).
+        conv_layer: The convolution of the embedding, restore and deformable branches (``nn.Conv2d``, or a partial
+            of ``DynamicConv2d`` in a dynamic-conv network).
+        pos_size: Rows of the position tables.
     """
 
     def __init__(
@@ -110,75 +219,88 @@ class SelfAttentiveImportance(nn.Module):
             channels: int,
             patch_size: int = 1,
             embed_ratio: float = 1.,
-            num_heads: Optional[int] = None,
+            num_heads: int = 4,
             deformable: bool = False,
-            pos_size: int = 14,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
-            act_layer: Type[nn.Module] = nn.ReLU,
+            conv_layer: ConvLayer = nn.Conv2d,
+            pos_size: int = 256,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if num_heads is None:
-            num_heads = max(1, channels // 16)
         if patch_size < 1 or num_heads < 1 or embed_ratio <= 0 or pos_size < 1:
             raise ValueError(f'Invalid self-attentive pooling arguments: patch_size={patch_size}, '
                              f'num_heads={num_heads}, embed_ratio={embed_ratio}, pos_size={pos_size} '
                              f'(patch_size, num_heads and pos_size must be >= 1, embed_ratio > 0).')
         embed_dim = nlp_embed_dim(channels, embed_ratio, num_heads)
+        self.channels = channels
         self.patch_size = patch_size
         self.embed_dim = embed_dim
-        embed_layer = DeformConv2d if deformable else nn.Conv2d
-        self.patch_embed = embed_layer(channels, embed_dim, patch_size, stride=patch_size, bias=False, **dd)
-        self.norm = norm_layer(embed_dim, **dd)
-        self.act = act_layer(inplace=True)
-        self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, pos_size, pos_size, **dd))
+        self.deformable = deformable
+        if deformable:
+            self.patch_embed = DeformConv2d(channels, embed_dim, patch_size, conv_layer, **dd)
+        else:
+            self.patch_embed = conv_layer(channels, embed_dim, patch_size, stride=patch_size, padding=0, bias=True,
+                                          **dd)
+        self.norm = nn.BatchNorm2d(embed_dim, **dd)
+        self.act = nn.ReLU(inplace=True)
+        self.pos_embed = LearnedPosEmbed2d(embed_dim, pos_size, **dd)
         self.attn = Attention(embed_dim, num_heads=num_heads, qkv_bias=True, **dd)
-        self.restore = nn.Conv2d(embed_dim, channels, 1, bias=False, **dd)
-        self.restore_norm = norm_layer(channels, **dd)
-        trunc_normal_(self.pos_embed, std=.02)
+        self.restore = conv_layer(embed_dim, channels, 1, stride=1, padding=0, bias=True, **dd)
+        self.restore_norm = nn.BatchNorm2d(channels, **dd)
+        # nn.MultiheadAttention's init of the projections' weights and biases
+        nn.init.xavier_uniform_(self.attn.qkv.weight)
+        nn.init.zeros_(self.attn.qkv.bias)
+        nn.init.zeros_(self.attn.proj.bias)
 
-    def _pos_embed(self, size: Tuple[int, int]) -> torch.Tensor:
-        if size[0] == self.pos_embed.shape[-2] and size[1] == self.pos_embed.shape[-1]:
-            return self.pos_embed
-        return F.interpolate(self.pos_embed, size=size, mode='bilinear', align_corners=False)
-
-    def _attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Steps 1-3 (embedding, position, attention): the attended tokens as a (B, D, Hp, Wp) map."""
-        B, _, H, W = x.shape
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         p = self.patch_size
-        pad_h, pad_w = (p - H % p) % p, (p - W % p) % p
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        t = self.act(self.norm(self.patch_embed(x)))
-        Hp, Wp = t.shape[-2], t.shape[-1]
-        t = t + self._pos_embed((Hp, Wp))
-        t = self.attn(t.flatten(2).transpose(1, 2))
-        t = t.transpose(1, 2).reshape(B, self.embed_dim, Hp, Wp)
-        if x.is_contiguous():
-            # the reshape is channels-last strided: the restored map (and its product with x) would be too
-            t = t.contiguous()
-        return t
-
-    def token_logit(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval only: the logit of every patch, (B, C, Hp, Wp); the map is this, nearest up-sampled by p and
-        cropped to H x W (conv1x1, BN in eval and sigmoid are pointwise, so they commute with the up-sampling)."""
-        return self.restore_norm(self.restore(self._attend(x))).sigmoid()
-
-    def forward(self, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
-        """The logit map of ``x``; with ``stride`` > 1 (a divisor of the patch size) only its value at every
-        ``stride``-th position, i.e. at each pooling window, where it is constant (the map is constant on
-        patches): the full-resolution map is never up-sampled in eval."""
-        if stride < 1 or self.patch_size % stride:
-            raise ValueError(f'stride {stride} must divide the patch size {self.patch_size}: the logit is constant '
-                             'on patches, not on windows that straddle them.')
         H, W = x.shape[-2], x.shape[-1]
-        if self.training:
-            # BN batch statistics are defined over the full-resolution map, so BN runs after the up-sampling; the
-            # restore conv (1x1, no bias) commutes with it and runs on the tokens, p^2 times fewer positions
-            t = upsample_patches(self.restore(self._attend(x)), (H, W), self.patch_size)
-            logit = self.restore_norm(t)
-            return (logit[:, :, ::stride, ::stride] if stride > 1 else logit).sigmoid()
-        size = ((H + stride - 1) // stride, (W + stride - 1) // stride)
-        return upsample_patches(self.token_logit(x), size, self.patch_size // stride)
+        if H < p or W < p:
+            x = F.pad(x, (0, max(0, p - W), 0, max(0, p - H)))
+        offset: Optional[torch.Tensor] = None
+        if isinstance(self.patch_embed, DeformConv2d):
+            t, offset = self.patch_embed(x)
+        else:
+            t = self.patch_embed(x)
+        return self.act(self.norm(t)), offset
+
+    def _restore(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """The restore conv of the up-sampled tokens, on the tokens (a dynamic conv's attention reads the mean of
+        the up-sampled map, the pixel-weighted mean of the tokens)."""
+        conv = self.restore
+        if not isinstance(conv, DynamicConv2d):
+            return conv(t)
+        h, w = t.shape[-2], t.shape[-1]
+        if (h, w) == size:
+            return conv(t)
+        rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
+        cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
+        mean = (t * (rows[:, None] * cols[None, :])).sum((2, 3)) / (size[0] * size[1])
+        attn = conv.attention_from_mean(mean)
+        B, E = t.shape[0], t.shape[1]
+        weight = conv.mixed_weight(attn).reshape(B, -1, E)
+        out = torch.bmm(weight, t.reshape(B, E, h * w)).reshape(B, -1, h, w)
+        bias = conv.mixed_bias(attn)
+        return out if bias is None else out + bias.reshape(B, -1, 1, 1)
+
+    def token_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The weights of every token ``(B, C, h, w)`` (the map is their nearest up-sampling to ``x``'s size, then,
+        if deformable, re-sampled at the offsets, which are returned too)."""
+        B = x.shape[0]
+        size = (x.shape[-2], x.shape[-1])
+        t, offset = self._embed(x)
+        h, w = t.shape[-2], t.shape[-1]
+        t = t + self.pos_embed(h, w).to(t.dtype)
+        t = self.attn(t.flatten(2).transpose(1, 2))
+        t = t.transpose(1, 2).reshape(B, self.embed_dim, h, w)
+        logit = upsampled_batch_norm(self._restore(t, size), self.restore_norm, size)
+        return logit.sigmoid().exp(), offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The importance weights of ``x``, same shape, in (1, e)."""
+        w, offset = self.token_weights(x)
+        w = upsample_nearest(w, (x.shape[-2], x.shape[-1]))
+        if offset is not None:
+            w = resample_at_offsets(w, offset, self.patch_size)
+        return w

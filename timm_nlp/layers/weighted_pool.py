@@ -1,118 +1,128 @@
 """Weighted pooling: the core shared by lip, nlp, dfmnlp, mixp and dfmixp.
 
-An importance map ``w = exp(logit(x))`` with ``logit`` in (0, 1) weights every activation before an
-``s x s`` average pool: ``y = avgpool(x * w) / avgpool(w)`` (window normalisation, a soft-max over each
-window) or ``y = avgpool(x * w)`` (``nowin``). Windows use ceil mode, so the output is
-``ceil(H / s) x ceil(W / s)`` for every input size.
+An importance map ``w > 0`` weights every activation before an ``s x s`` average pool:
+``y = avgpool(x * w) / avgpool(w)`` (window normalisation) or ``y = avgpool(x * w)`` (``nowin``).
 """
-from typing import Any, Dict, Optional, Type
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
-from .self_attn_pool import SelfAttentiveImportance, upsample_patches
+from .dynamic_conv import same_padding
+from .self_attn_pool import ConvLayer, SelfAttentiveImportance, upsample_nearest
 from .window_pool import window_avg_pool2d
 
-__all__ = ['scale_by_patches', 'weighted_pool2d', 'LocalImportance', 'WeightedPool2d']
+__all__ = ['weighted_pool2d', 'LocalImportance', 'WeightedPool2d']
 
 
-def scale_by_patches(y: torch.Tensor, w: torch.Tensor, factor: int) -> torch.Tensor:
-    """``y * w'``, with ``w'`` the nearest up-sampling of ``w`` by ``factor`` cropped to ``y``'s size; where no crop
-    is needed, a broadcast product over (patch, position-in-patch) views that never forms ``w'``."""
-    B, C, H, W = y.shape
-    Hp, Wp = w.shape[-2], w.shape[-1]
-    if factor == 1 or H != Hp * factor or W != Wp * factor:
-        return y * upsample_patches(w, (H, W), factor)
-    out = y.view(B, C, Hp, factor, Wp, factor) * w.view(B, C, Hp, 1, Wp, 1)
-    return out.reshape(B, C, H, W)
-
-
-def weighted_pool2d(x: torch.Tensor, weight: torch.Tensor, stride: int, win_norm: bool = True) -> torch.Tensor:
+def weighted_pool2d(x: torch.Tensor, weight: torch.Tensor, stride: int, win_norm: bool = True,
+                    ceil_mode: bool = False) -> torch.Tensor:
     """Pool ``x`` over ``stride x stride`` windows with positive weights of the same shape."""
-    num = window_avg_pool2d(x * weight, stride)
+    num = window_avg_pool2d(x * weight, stride, ceil_mode)
     if not win_norm:
         return num
-    return num / window_avg_pool2d(weight, stride)
+    return num / window_avg_pool2d(weight, stride, ceil_mode)
 
 
 class LocalImportance(nn.Module):
-    """Local importance logit of LIP (Gao et al., ICCV 2019): ``sigmoid(BN(conv1x1(x)))``."""
+    """Local importance ``exp(sigmoid(BN(conv(x))))``: LIP's (Gao et al., ICCV 2019; a 1x1 conv) and mixp's (a
+    k x k conv, 'same' padding). The conv has a bias, as in the paper's code."""
 
     def __init__(
             self,
             channels: int,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            kernel_size: int = 1,
+            conv_layer: ConvLayer = nn.Conv2d,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.conv = nn.Conv2d(channels, channels, 1, bias=False, **dd)
-        self.norm = norm_layer(channels, **dd)
+        self.pad = same_padding(kernel_size)
+        self.conv = conv_layer(channels, channels, kernel_size, stride=1, padding=0, bias=True, **dd)
+        self.norm = nn.BatchNorm2d(channels, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x)).sigmoid()
+        if self.pad[1]:
+            x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
+        return self.norm(self.conv(x)).sigmoid().exp()
 
 
 @register_notrace_module
 class WeightedPool2d(nn.Module):
-    """Importance-weighted pooling with a local (lip), non-local (nlp) or mixed (product) logit.
+    """Importance-weighted pooling with a local (lip), non-local (nlp, dfmnlp) or mixed (product) importance.
 
     Args:
         channels: Channels of the pooled map.
         stride: Pooling window and stride.
-        local: Use the local (LIP) importance.
+        local_kernel: Kernel of the local importance conv (1 for lip, the patch size for mixp), None for none.
         non_local: Keyword arguments of ``SelfAttentiveImportance``, or None for no non-local importance.
-        win_norm: Normalise by the window's total weight (False for the ``nowin`` modifier).
+        win_norm: Normalise by the window's total weight (False for the ``nowin`` modifier; lip always normalises).
+        ceil_mode: Ceil-mode windows (the in-block placement); the paper's placements use floor mode.
+        conv_layer: The convolution of the non-local branch and of the local branch (mixp).
     """
 
     def __init__(
             self,
             channels: int,
             stride: int = 2,
-            local: bool = False,
+            local_kernel: Optional[int] = None,
             non_local: Optional[Dict[str, Any]] = None,
             win_norm: bool = True,
+            ceil_mode: bool = False,
+            conv_layer: ConvLayer = nn.Conv2d,
             device=None,
             dtype=None,
     ):
         super().__init__()
-        if not local and non_local is None:
-            raise ValueError('WeightedPool2d needs an importance: local=True and/or non_local={...}.')
+        if local_kernel is None and non_local is None:
+            raise ValueError('WeightedPool2d needs an importance: local_kernel=k and/or non_local={...}.')
         dd = {'device': device, 'dtype': dtype}
         self.channels = channels
         self.stride = stride
         self.win_norm = win_norm
-        self.lip = LocalImportance(channels, **dd) if local else None
-        self.nlp = SelfAttentiveImportance(channels, **non_local, **dd) if non_local is not None else None
-        # the weight is constant inside every window (a non-local-only, un-normalised pool whose patch size is a
-        # multiple of the stride), so avgpool(x * w) = avgpool(x) * w at the windows
-        self.weights_after_pooling = self.lip is None and self.nlp is not None and not win_norm and \
-            self.nlp.patch_size % stride == 0
+        self.ceil_mode = ceil_mode
+        self.local = LocalImportance(channels, local_kernel, conv_layer, **dd) if local_kernel is not None else None
+        self.nlp = SelfAttentiveImportance(channels, conv_layer=conv_layer, **non_local, **dd) \
+            if non_local is not None else None
 
-    def logit(self, x: torch.Tensor) -> torch.Tensor:
-        """Importance logit in (0, 1), same shape as ``x``."""
-        if self.lip is not None and self.nlp is not None:
-            return self.lip(x) * self.nlp(x)
-        if self.lip is not None:
-            return self.lip(x)
-        assert self.nlp is not None
-        return self.nlp(x)
+    def window_constant(self, x: torch.Tensor) -> bool:
+        """Whether the importance is constant inside every window: a non-local-only, regular-embedding pool whose
+        patches tile the map and are a multiple of the stride. Then ``avgpool(x * w) = avgpool(x) * w`` at the
+        windows, and window normalisation cancels the weights (such a pool is an average pool)."""
+        nlp = self.nlp
+        if self.local is not None or nlp is None or nlp.deformable:
+            return False
+        p = nlp.patch_size
+        return p > 1 and p % self.stride == 0 and x.shape[-2] % p == 0 and x.shape[-1] % p == 0
+
+    def importance(self, x: torch.Tensor) -> torch.Tensor:
+        """The importance map of ``x``, same shape."""
+        w: Optional[torch.Tensor] = None
+        if self.nlp is not None:
+            w = self.nlp(x)
+        if self.local is not None:
+            local = self.local(x)
+            w = local if w is None else local * w
+        assert w is not None
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 'WeightedPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
         s = self.stride
-        if self.weights_after_pooling and self.nlp is not None:
-            # no full-resolution weight map is formed; in eval not even an output-sized one
-            pooled = window_avg_pool2d(x, s)
-            if self.training:
-                return pooled * self.nlp(x, s).exp()
-            return scale_by_patches(pooled, self.nlp.token_logit(x).exp(), self.nlp.patch_size // s)
-        return weighted_pool2d(x, self.logit(x).exp(), s, self.win_norm)
+        if self.window_constant(x) and self.nlp is not None:
+            pooled = window_avg_pool2d(x, s, self.ceil_mode)
+            if self.win_norm and not self.training:
+                return pooled  # the weights cancel (training still runs them, for the BN statistics)
+            w, _ = self.nlp.token_weights(x)
+            w = upsample_nearest(w, (pooled.shape[-2], pooled.shape[-1]))
+            return pooled * w / w if self.win_norm else pooled * w
+        return weighted_pool2d(x, self.importance(x), s, self.win_norm, self.ceil_mode)
 
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, stride={self.stride}, win_norm={self.win_norm}'
+        return f'channels={self.channels}, stride={self.stride}, win_norm={self.win_norm}, ceil_mode={self.ceil_mode}'

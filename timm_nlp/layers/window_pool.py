@@ -1,23 +1,44 @@
-"""Non-overlapping average pooling (window = stride, ceil mode), the reduction inside every pooling method.
+"""Non-overlapping window pooling (window = stride), the reduction inside every pooling method.
+
+Floor mode, as the paper's ``nn.AvgPool2d(s, s)``: the output is ``H // s x W // s`` and rows or columns beyond the
+last whole window are dropped. Where the map is smaller than the window (``H < s``), the paper's code crashes; here
+the one window covers what there is, so the output has at least one position per axis. ``ceil_mode=True`` (the
+in-block placement) gives ``ceil(H / s)`` with partial windows at the edges, averaged over their valid elements.
 
 On contiguous NCHW CPU tensors, ``F.avg_pool2d`` with 2x2 windows is several times slower than two strided
-additions (forward and backward), so stride 2 on even-sized maps takes that route; everything else, tracing
-and scripting included, is ``F.avg_pool2d``. Both compute the same window mean (tested against each other).
+additions (forward and backward), so stride 2 on even-sized maps takes that route; everything else, tracing and
+scripting included, is ``F.avg_pool2d``. Both compute the same window mean (tested against each other).
 """
+from typing import List
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
-__all__ = ['window_avg_pool2d', 'WindowAvgPool2d']
+__all__ = ['pool_output_size', 'window_avg_pool2d', 'window_max_pool2d', 'WindowAvgPool2d', 'WindowMaxPool2d']
 
 
-def window_avg_pool2d(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """Mean over ``stride x stride`` windows, output ``ceil(H / stride) x ceil(W / stride)``."""
+def pool_output_size(size: int, stride: int, ceil_mode: bool = False) -> int:
+    """Output side of a window pool over ``size`` positions: ``size // stride`` (at least 1), or the ceiling."""
+    if ceil_mode:
+        return -(-size // stride)
+    return max(1, size // stride)
+
+
+def _window(x: torch.Tensor, stride: int) -> List[int]:
+    """The window (= kernel) of a floor-mode pool: ``stride``, or the whole axis where the map is smaller."""
+    return [min(stride, x.shape[-2]), min(stride, x.shape[-1])]
+
+
+def window_avg_pool2d(x: torch.Tensor, stride: int, ceil_mode: bool = False) -> torch.Tensor:
+    """Mean over ``stride x stride`` windows (see the module docstring for the output size)."""
+    if ceil_mode:
+        return F.avg_pool2d(x, stride, stride, ceil_mode=True)
     if (torch.jit.is_tracing() or torch.jit.is_scripting() or stride != 2 or x.dim() != 4
             or x.shape[-2] % 2 or x.shape[-1] % 2 or x.device.type != 'cpu' or not x.is_contiguous()):
-        return F.avg_pool2d(x, stride, stride, ceil_mode=True)
+        return F.avg_pool2d(x, _window(x, stride), [stride, stride])
     B, C, H, W = x.shape
     rows = x.view(B, C, H // 2, 2 * W)
     rows = rows[..., :W] + rows[..., W:]
@@ -25,16 +46,40 @@ def window_avg_pool2d(x: torch.Tensor, stride: int) -> torch.Tensor:
     return (cols[..., 0] + cols[..., 1]).mul_(0.25)
 
 
+def window_max_pool2d(x: torch.Tensor, stride: int, ceil_mode: bool = False) -> torch.Tensor:
+    """Max over ``stride x stride`` windows (see the module docstring for the output size)."""
+    if ceil_mode:
+        return F.max_pool2d(x, stride, stride, ceil_mode=True)
+    return F.max_pool2d(x, _window(x, stride), [stride, stride])
+
+
 @register_notrace_module
 class WindowAvgPool2d(nn.Module):
-    """Average pooling with kernel = stride and ceil mode (``avgp``)."""
+    """Average pooling with kernel = stride (``avgp``)."""
 
-    def __init__(self, stride: int = 2):
+    def __init__(self, stride: int = 2, ceil_mode: bool = False):
         super().__init__()
         self.stride = stride
+        self.ceil_mode = ceil_mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return window_avg_pool2d(x, self.stride)
+        return window_avg_pool2d(x, self.stride, self.ceil_mode)
 
     def extra_repr(self) -> str:
-        return f'stride={self.stride}'
+        return f'stride={self.stride}, ceil_mode={self.ceil_mode}'
+
+
+@register_notrace_module
+class WindowMaxPool2d(nn.Module):
+    """Max pooling with kernel = stride (``maxp``, and the paper's ResNet stem pool at stride 2)."""
+
+    def __init__(self, stride: int = 2, ceil_mode: bool = False):
+        super().__init__()
+        self.stride = stride
+        self.ceil_mode = ceil_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return window_max_pool2d(x, self.stride, self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return f'stride={self.stride}, ceil_mode={self.ceil_mode}'

@@ -1,92 +1,22 @@
-"""Helpers shared by the pooled backbones: pooling layers, pretrained cfgs and stock-weight transfer."""
+"""Weights for the pooled backbones: stock timm weights into a pooled model, and the filter of published weights."""
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from timm.models import adapt_input_conv, get_pretrained_cfg
+from timm.models import adapt_input_conv
 
-from timm_nlp.grammar import ArchSpec, PoolSpec
-from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
+from timm_nlp.layers import DynamicConv2d
 
 __all__ = [
-    'make_pool', 'set_stride', 'insert_stage_pools', 'resnet_feature_info', 'pooled_cfg', 'TransferReport',
-    'adapt_stock_state_dict', 'load_stock_weights', 'load_stock_source', 'checkpoint_filter_fn', 'PAPER_ID',
-    'check_output_stride', 'reset_deform_offsets', 'adapt_input_channels',
+    'TransferReport', 'adapt_stock_state_dict', 'load_stock_weights', 'load_stock_source', 'checkpoint_filter_fn',
+    'adapt_input_channels',
 ]
 
 _logger = logging.getLogger(__name__)
-PAPER_ID = 'arXiv:2209.07659'
-PAPER_NAME = 'Self-Attentive Pooling for Efficient Deep Learning'
-
-
-def make_pool(pool: PoolSpec, channels: int, stride: int, reduction: int, prepool: bool = False, **dd) -> nn.Module:
-    """The pooling layer of a stage (or of the stem pre-pool, whose ``reduced`` patch size is its stride)."""
-    overrides = dict(patch_size=stride) if prepool and pool.reduced else {}
-    return create_pool2d(str(pool), channels, stride, reduction=reduction, **overrides, **dd)
-
-
-def set_stride(conv: nn.Module, stride: int) -> None:
-    """Change a convolution's stride in place. Padding is kept: the stock 1x1 (pad 0), 3x3 (pad 1) and 7x7 (pad 3)
-    convs then give ``ceil(H / stride)`` for every stride, the size rule of the pooling layers."""
-    conv.stride = (stride, stride)
-
-
-def insert_stage_pools(
-        arch: ArchSpec,
-        first_blocks: Sequence[nn.Module],
-        strided_conv: Callable[[nn.Module], nn.Module],
-        **dd,
-) -> None:
-    """Put the architecture's pooling layer in the ``aa`` slot of each stage's first block whose stride is > 1.
-
-    The pooled map has the channels of the block's strided conv and the reduction of the stage input.
-    """
-    if arch.pool.method == 'skip':
-        return
-    for i, (blk, stride) in enumerate(zip(first_blocks, arch.strides)):
-        if stride > 1:
-            blk.aa = make_pool(arch.pool, strided_conv(blk).out_channels, stride, arch.reductions[i], **dd)
-
-
-def reset_deform_offsets(model: nn.Module) -> None:
-    """Re-zero the offset branch of every deformable conv (dfmnlp, dfmixp) after the backbone's weight init, which
-    draws every ``nn.Conv2d``: a deformable patch embedding starts as a regular convolution."""
-    for m in model.modules():
-        if isinstance(m, DeformConv2d):
-            m.reset_offset()
-
-
-def resnet_feature_info(feature_info: List[Dict[str, Any]], arch: ArchSpec) -> List[Dict[str, Any]]:
-    """ResNet feature info (stem, then one entry per stage) with the reductions of ``arch``."""
-    stem = dict(feature_info[0], reduction=1 if arch.prepool is not None else 2)
-    return [stem] + [dict(f, reduction=r) for f, r in zip(feature_info[1:], arch.reductions[1:])]
-
-
-def check_output_stride(output_stride: int) -> None:
-    if output_stride != 32:
-        raise ValueError(f'Pooled backbones set their strides from the architecture string; output_stride='
-                         f'{output_stride} (dilation) is not supported, only 32.')
-
-
-def pooled_cfg(arch: ArchSpec, **kwargs: Any) -> Dict[str, Any]:
-    """A full pretrained cfg for ``arch``: the base model's preprocessing, this architecture's pool size at the
-    cfg's input size (224 unless ``input_size`` is given); ``kwargs`` override any field."""
-    base = get_pretrained_cfg(arch.base_name)
-    input_size = tuple(kwargs.get('input_size', (3, 224, 224)))
-    cfg = dict(
-        url='', num_classes=1000, input_size=input_size, pool_size=tuple(map(arch.output_size, input_size[1:])),
-        crop_pct=base.crop_pct, interpolation=base.interpolation, mean=base.mean, std=base.std,
-        first_conv=base.first_conv, classifier=base.classifier, license='apache-2.0',
-        paper_ids=PAPER_ID, paper_name=PAPER_NAME,
-        description=f'{arch.seed}: timm {arch.base_name} with {arch.pool} pooling, stage strides {arch.digits}'
-                    + (f', pre-pool {arch.prepool} stride {arch.prepool_stride}' if arch.prepool else '')
-                    + (', dynamic convolutions' if arch.dynamic else ''),
-    )
-    cfg.update(kwargs)
-    return cfg
 
 
 @dataclass
@@ -108,13 +38,6 @@ class TransferReport:
         lines += [f'  unused stock tensor: {k}' for k in self.unused]
         lines += [f'  shape mismatch: {k} stock {a} vs model {b}' for k, a, b in self.mismatched]
         return '\n'.join(lines)
-
-
-def _remap_key(key: str, model_keys: Dict[str, torch.Tensor]) -> str:
-    """Stock key -> model key. The MobileNetV2 pre-pool wraps the stem norm: ``bn1.*`` -> ``bn1.0.*``."""
-    if key not in model_keys and key.startswith('bn1.') and 'bn1.0.' + key[4:] in model_keys:
-        return 'bn1.0.' + key[4:]
-    return key
 
 
 def _tile_kernels(value: torch.Tensor, num_kernels: int, shape: torch.Size) -> Optional[torch.Tensor]:
@@ -140,17 +63,16 @@ def adapt_stock_state_dict(
     dynamic = {name: m.num_kernels for name, m in model.named_modules() if isinstance(m, DynamicConv2d)}
     out, report = {}, TransferReport()
     for key, value in state_dict.items():
-        mkey = _remap_key(key, target)
-        if mkey not in target:
+        if key not in target:
             report.unused.append(key)
             continue
-        want, module = target[mkey], mkey.rpartition('.')[0]
+        want, module = target[key], key.rpartition('.')[0]
         if want.shape == value.shape:
-            out[mkey] = value
-            report.loaded.append(mkey)
+            out[key] = value
+            report.loaded.append(key)
         elif module in dynamic and (tiled := _tile_kernels(value, dynamic[module], want.shape)) is not None:
-            out[mkey] = tiled.clone()
-            report.expanded.append(mkey)
+            out[key] = tiled.clone()
+            report.expanded.append(key)
         else:
             report.mismatched.append((key, tuple(value.shape), tuple(want.shape)))
     report.new = [k for k in target if k not in out]
@@ -224,7 +146,6 @@ def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
 def load_stock_source(model: nn.Module, source: str) -> TransferReport:
     """Start ``model`` from stock timm weights of its base model: a timm name with tag (weights from the Hub,
     e.g. ``resnet18.a1_in1k``) or a checkpoint file (read safely, see ``timm_nlp.checkpoint.load_weights``)."""
-    import os
     import timm
     from timm_nlp.checkpoint import load_weights
     arch = getattr(model, 'arch', None)
