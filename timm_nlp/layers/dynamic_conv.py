@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
-__all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature', 'same_padding']
+__all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature']
 
 PaddingArg = Union[int, str]
 
@@ -23,7 +23,7 @@ def _check_temperature(temperature: float) -> None:
                          'the attention logits by zero; a negative one inverts the softmax).')
 
 
-def same_padding(kernel_size: int, dilation: int = 1) -> Tuple[int, int]:
+def _same_padding(kernel_size: int, dilation: int = 1) -> Tuple[int, int]:
     """(before, after) padding of ``padding='same'`` at stride 1, as torch pads it: the odd pixel goes after."""
     total = dilation * (kernel_size - 1)
     return total // 2, total - total // 2
@@ -78,7 +78,7 @@ class DynamicConv2d(nn.Module):
         self.dilation = (dilation, dilation)
         self.groups = groups
         self.num_kernels = num_kernels
-        before, after = same_padding(kernel_size, dilation) if padding == 'same' else (int(padding), int(padding))
+        before, after = _same_padding(kernel_size, dilation) if padding == 'same' else (int(padding), int(padding))
         # symmetric padding goes to the convolution, the odd extra pixel of an even 'same' kernel to an F.pad
         self.padding = (before, before)
         self.extra_pad = after - before

@@ -9,7 +9,7 @@ The restore conv, BN, sigmoid and exp are pointwise, so they run on the p^2-time
 result is up-sampled (a gather). In training, BN's batch statistics are those of the up-sampled map: the tokens
 weighted by how many pixels each one covers, the running variance with the up-sampled map's element count.
 """
-from typing import Callable, Optional, Tuple
+from typing import Callable, Final, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from .dynamic_conv import DynamicConv2d
 
 __all__ = [
     'DeformConv2d', 'LearnedPosEmbed2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'nearest_index',
-    'upsample_nearest', 'upsampled_batch_norm', 'resample_at_offsets',
+    'upsample_nearest', 'resample_at_offsets',
 ]
 
 ConvLayer = Callable[..., nn.Module]
@@ -51,37 +51,11 @@ def upsample_nearest(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
 
 
 def _upsample_counts(size_out: int, size_in: int, device: torch.device) -> torch.Tensor:
-    """How many output positions each source position of a nearest up-sampling covers."""
-    return torch.bincount(nearest_index(size_out, size_in, device), minlength=size_in)
-
-
-def upsampled_batch_norm(t: torch.Tensor, bn: nn.BatchNorm2d, size: Tuple[int, int]) -> torch.Tensor:
-    """``bn`` of the nearest up-sampling of ``t`` to ``size``, computed on ``t``.
-
-    In eval BN is pointwise. In training the batch statistics (and the running-statistics update) are those of the
-    up-sampled map: every token weighted by the pixels it covers, the unbiased variance over ``B * H * W`` values.
-    """
-    h, w = t.shape[-2], t.shape[-1]
-    if not bn.training or (h == size[0] and w == size[1]):
-        return bn(t)
-    rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
-    cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
-    cover = rows[:, None] * cols[None, :]
-    n = t.shape[0] * size[0] * size[1]
-    mean = (t * cover).sum((0, 2, 3)) / n
-    dev = t - mean[None, :, None, None]
-    var = (dev.square() * cover).sum((0, 2, 3)) / n
-    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
-        assert bn.num_batches_tracked is not None
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            momentum = bn.momentum if bn.momentum is not None else 1. / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1. - momentum).add_(mean.detach(), alpha=momentum)
-            bn.running_var.mul_(1. - momentum).add_(var.detach(), alpha=momentum * n / max(n - 1, 1))
-    out = dev * torch.rsqrt(var + bn.eps)[None, :, None, None]
-    if bn.weight is not None and bn.bias is not None:
-        out = out * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
-    return out
+    """How many output positions each source position of a nearest up-sampling covers: source i covers the outputs
+    from ``ceil(i * size_out / size_in)`` on."""
+    starts = torch.div(torch.arange(size_in + 1, device=device) * size_out + size_in - 1, size_in,
+                       rounding_mode='floor')
+    return starts[1:] - starts[:-1]
 
 
 def resample_at_offsets(w: torch.Tensor, offset: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -144,6 +118,7 @@ class DeformConv2d(nn.Module):
     ``conv`` holds the sampling kernel, a plain conv or a ``DynamicConv2d`` (whose attention then reads the mean of
     the modulated samples, as the paper's code computes it). Offsets and mask start at zero (mask 1/2).
     """
+    dynamic: Final[bool]
 
     def __init__(
             self,
@@ -161,6 +136,7 @@ class DeformConv2d(nn.Module):
         self.offset = conv_layer(in_chs, 2 * k * k, 3, stride=k, padding=1, bias=True, **dd)
         self.mask = conv_layer(in_chs, k * k, 3, stride=k, padding=1, bias=True, **dd)
         self.conv = conv_layer(in_chs, out_chs, k, stride=k, padding=0, bias=False, **dd)
+        self.dynamic = isinstance(self.conv, DynamicConv2d)
         self.reset_offset()
 
     def reset_offset(self) -> None:
@@ -183,7 +159,7 @@ class DeformConv2d(nn.Module):
         offset = torch.nan_to_num(self.offset(x)[:, :, :h, :w].to(compute))
         mask = self.mask(x)[:, :, :h, :w].to(compute).sigmoid()
         conv = self.conv
-        if isinstance(conv, DynamicConv2d):
+        if self.dynamic:
             # per-sample kernels: the batch as groups (offset groups too); attention of the modulated samples' mean
             ones = torch.ones(C, 1, k, k, device=x.device, dtype=compute)
             mean = deform_conv2d(xc, offset, ones, None, (k, k), mask=mask).mean((2, 3)) / (k * k)
@@ -213,6 +189,8 @@ class SelfAttentiveImportance(nn.Module):
             of ``DynamicConv2d`` in a dynamic-conv network).
         pos_size: Rows of the position tables.
     """
+    deformable: Final[bool]
+    dynamic: Final[bool]
 
     def __init__(
             self,
@@ -248,6 +226,7 @@ class SelfAttentiveImportance(nn.Module):
         self.attn = Attention(embed_dim, num_heads=num_heads, qkv_bias=True, **dd)
         self.restore = conv_layer(embed_dim, channels, 1, stride=1, padding=0, bias=True, **dd)
         self.restore_norm = nn.BatchNorm2d(channels, **dd)
+        self.dynamic = isinstance(self.restore, DynamicConv2d)
         # nn.MultiheadAttention's init of the projections' weights and biases
         nn.init.xavier_uniform_(self.attn.qkv.weight)
         nn.init.zeros_(self.attn.qkv.bias)
@@ -259,7 +238,7 @@ class SelfAttentiveImportance(nn.Module):
         if H < p or W < p:
             x = F.pad(x, (0, max(0, p - W), 0, max(0, p - H)))
         offset: Optional[torch.Tensor] = None
-        if isinstance(self.patch_embed, DeformConv2d):
+        if self.deformable:
             t, offset = self.patch_embed(x)
         else:
             t = self.patch_embed(x)
@@ -269,10 +248,8 @@ class SelfAttentiveImportance(nn.Module):
         """The restore conv of the up-sampled tokens, on the tokens (a dynamic conv's attention reads the mean of
         the up-sampled map, the pixel-weighted mean of the tokens)."""
         conv = self.restore
-        if not isinstance(conv, DynamicConv2d):
-            return conv(t)
         h, w = t.shape[-2], t.shape[-1]
-        if (h, w) == size:
+        if not self.dynamic or (h == size[0] and w == size[1]):
             return conv(t)
         rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
         cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
@@ -284,6 +261,33 @@ class SelfAttentiveImportance(nn.Module):
         bias = conv.mixed_bias(attn)
         return out if bias is None else out + bias.reshape(B, -1, 1, 1)
 
+    def _restore_norm(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """The restore BN of the up-sampled tokens, on the tokens. In eval BN is pointwise. In training the batch
+        statistics (and the running-statistics update) are those of the up-sampled map: every token weighted by the
+        pixels it covers, the unbiased variance over ``B * H * W`` values."""
+        bn = self.restore_norm
+        h, w = t.shape[-2], t.shape[-1]
+        if not bn.training or (h == size[0] and w == size[1]):
+            return bn(t)
+        rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
+        cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
+        cover = rows[:, None] * cols[None, :]
+        n = t.shape[0] * size[0] * size[1]
+        mean = (t * cover).sum((0, 2, 3)) / n
+        dev = t - mean[None, :, None, None]
+        var = (dev.square() * cover).sum((0, 2, 3)) / n
+        running_mean, running_var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        if bn.track_running_stats and running_mean is not None and running_var is not None and tracked is not None:
+            with torch.no_grad():
+                tracked.add_(1)
+                momentum = bn.momentum if bn.momentum is not None else 1. / float(tracked)
+                running_mean.mul_(1. - momentum).add_(mean.detach(), alpha=momentum)
+                running_var.mul_(1. - momentum).add_(var.detach(), alpha=momentum * n / max(n - 1, 1))
+        out = dev * torch.rsqrt(var + bn.eps)[None, :, None, None]
+        if bn.weight is not None and bn.bias is not None:
+            out = out * bn.weight[None, :, None, None] + bn.bias[None, :, None, None]
+        return out
+
     def token_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The weights of every token ``(B, C, h, w)`` (the map is their nearest up-sampling to ``x``'s size, then,
         if deformable, re-sampled at the offsets, which are returned too)."""
@@ -294,7 +298,7 @@ class SelfAttentiveImportance(nn.Module):
         t = t + self.pos_embed(h, w).to(t.dtype)
         t = self.attn(t.flatten(2).transpose(1, 2))
         t = t.transpose(1, 2).reshape(B, self.embed_dim, h, w)
-        logit = upsampled_batch_norm(self._restore(t, size), self.restore_norm, size)
+        logit = self._restore_norm(self._restore(t, size), size)
         return logit.sigmoid().exp(), offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

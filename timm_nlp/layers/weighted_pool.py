@@ -7,11 +7,9 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
-from .dynamic_conv import same_padding
 from .self_attn_pool import ConvLayer, SelfAttentiveImportance, upsample_nearest
 from .window_pool import window_avg_pool2d
 
@@ -41,13 +39,11 @@ class LocalImportance(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.pad = same_padding(kernel_size)
-        self.conv = conv_layer(channels, channels, kernel_size, stride=1, padding=0, bias=True, **dd)
+        # 'same' as torch pads it (the odd pixel of an even kernel after); a dynamic conv's attention reads x itself
+        self.conv = conv_layer(channels, channels, kernel_size, stride=1, padding='same', bias=True, **dd)
         self.norm = nn.BatchNorm2d(channels, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pad[1]:
-            x = F.pad(x, (self.pad[0], self.pad[1], self.pad[0], self.pad[1]))
         return self.norm(self.conv(x)).sigmoid().exp()
 
 
