@@ -44,7 +44,8 @@ class DynamicConv2d(nn.Module):
         padding: An int, or 'same' (stride 1; the odd pixel of an even kernel padded after, as torch does).
         num_kernels: K.
         temperature: Softmax temperature T (34 in the paper's code, never changed by its training).
-        attn_ratio: Hidden width of the attention, ``int(in * ratio) + 1`` (K for a 3-channel input).
+        attn_ratio: Hidden width of the attention, ``int(in * ratio) + 1``; K for the image input (the paper's
+            code: 3 channels; here up to 3, so that an RGB stem's routing adapts to another ``in_chans``).
     """
 
     def __init__(
@@ -82,7 +83,7 @@ class DynamicConv2d(nn.Module):
         # symmetric padding goes to the convolution, the odd extra pixel of an even 'same' kernel to an F.pad
         self.padding = (before, before)
         self.extra_pad = after - before
-        hidden = num_kernels if in_channels == 3 else int(in_channels * attn_ratio) + 1
+        hidden = num_kernels if in_channels <= 3 else int(in_channels * attn_ratio) + 1
         self.fc1 = nn.Linear(in_channels, hidden, bias=False, **dd)
         self.fc2 = nn.Linear(hidden, num_kernels, **dd)
         self.weight = nn.Parameter(

@@ -64,13 +64,16 @@ def make_stage_pool(arch: ArchSpec, stage: int, channels: int, ceil_mode: bool =
 
 
 def make_prepool(arch: ArchSpec, channels: int, **kwargs: Any) -> nn.Module:
-    """The stem pre-pool (``prepool-skip-S-`` has none: its stem conv takes the stride)."""
+    """The stem pre-pool (``prepool-skip-S-`` has none: its stem conv takes the stride); always window-normalised,
+    as in the paper's code."""
     pool: Optional[PoolSpec] = arch.prepool
     assert pool is not None and arch.prepool_stride is not None
     if pool.method == 'skip':
         return nn.Identity()
     args = prepool_args(pool, arch.prepool_stride) if pool.is_nonlocal else {}
-    return create_pool2d(str(pool), channels, arch.prepool_stride, **args, **kwargs)
+    # the paper's code normalises a pre-pool's windows whatever its modifiers say (nowin is a stage modifier)
+    name = str(PoolSpec(pool.method, tuple(m for m in pool.modifiers if m != 'nowin')))
+    return create_pool2d(name, channels, arch.prepool_stride, **args, **kwargs)
 
 
 def _with_pool(stage: nn.Sequential, index: int, pool: nn.Module) -> nn.Sequential:
