@@ -150,11 +150,17 @@ def convert_paper_state_dict(
     spec = ArchSpec.parse(arch)
     state_dict = _strip(checkpoint)
     deformable = [k for k in state_dict if 'offset_conv.' in k]
-    if deformable and spec.pool.method == 'mixp':
-        as_dfmixp = replace(spec, pool=PoolSpec('dfmixp', spec.pool.modifiers))
+    prepool_prefix = 'pool.' if spec.spec.family == 'resnet' else 'conv1_pool.'
+    pre = spec.prepool is not None and spec.prepool.method == 'mixp' and any(
+        k.startswith(prepool_prefix) for k in deformable)
+    stages = spec.pool.method == 'mixp' and any(not k.startswith(prepool_prefix) for k in deformable)
+    if pre or stages:
+        def dfm(pool: PoolSpec, deform: bool) -> PoolSpec:
+            return PoolSpec('dfmixp', pool.modifiers) if deform else pool
+        as_dfmixp = replace(spec, pool=dfm(spec.pool, stages), prepool=dfm(spec.prepool, pre) if pre else spec.prepool)
         raise PaperCheckpointError(
             f"This checkpoint has deformable offsets ({deformable[0]}): the paper code's 'mixp' builds its dfmixp "
-            f"network (a deformable embedding), while {spec.seed} is not deformable. Convert it as "
+            f"network (a deformable embedding), while {spec.seed} is not deformable there. Convert it as "
             f"'{as_dfmixp.seed}'.")
     if model is None:
         head = 'fc.weight' if spec.spec.family == 'resnet' else 'classifier.weight'
