@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from reference import PlainNlpPool, randomize_norms
-from test_layers import ALL, _assert_grads_close
+from reference import PlainNlpPool, randomize_model
+from test_layers import LAYERS, _assert_grads_close
+import timm_nlp
 from timm_nlp.checkpoint import load_training_checkpoint
 from timm_nlp.layers import create_pool2d
 
@@ -50,13 +50,15 @@ def _fwd_bwd(module: nn.Module, x: torch.Tensor, cot: torch.Tensor):
 
 # training-mode Gaussian pooling draws noise, which differs between devices: it is compared in eval only
 @pytest.mark.parametrize('layout', [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize('name,train', [(n, t) for n in ALL for t in (False, True) if not (n == 'gaussian_pool' and t)])
+@pytest.mark.parametrize('name,train', [(n, t) for n in LAYERS for t in (False, True)
+                                        if not (n == 'gaussian_pool' and t)])
 def test_pool_on_cuda_matches_cpu(name, train, layout):
     """Output and every gradient of each method on CUDA, in either memory format, equal the CPU's; attention may
     only run fused kernels."""
     torch.manual_seed(0)
-    cpu = create_pool2d(name, 32, 2, reduction=8)
-    randomize_norms(cpu)
+    nonlocal_ = name.split('_')[0] in ('nlp', 'dfmnlp', 'mixp', 'dfmixp')
+    cpu = create_pool2d(name, 32, 2, **(dict(patch_size=3) if nonlocal_ else {}))  # tokens of uneven pixel counts
+    randomize_model(cpu)
     gpu = copy.deepcopy(cpu).cuda().to(memory_format=layout)
     cpu.train(train), gpu.train(train)
     x, cot = torch.randn(2, 32, 21, 18), torch.randn(2, 32, 11, 9)
@@ -100,8 +102,9 @@ def test_bf16_attention_is_fused_and_lean():
     assert (y_ours - y32).abs().max() <= 0.05 * y32.abs().max(), 'bf16 autocast drifted from fp32'
 
 
-MODELS = ['resnet18_nlp_headfix2_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222', 'resnetv2_50_dfmixp_2222',
-          'mobilenetv2_mixp_4222121', 'dyresnet18_lip_2222', 'prepool_nlp_headfix2_4_resnet18_nlp_headfix2_1222']
+MODELS = ['resnet18_nlp_headfix2_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222', 'resnet50b1_dfmixp_2222',
+          'mobilenetv2_mixp_4222121', 'mobilenetv2b0_gaussian_pool_2222121', 'dyresnet18_lip_2222',
+          'dymobilenetv2_dfmnlp_reduced_2222121', 'prepool_nlp_headfix2_4_resnet18_nlp_headfix2_1222']
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -111,8 +114,8 @@ def test_model_on_cuda_matches_cpu(name):
     test_models.py::test_channels_last_model_matches_contiguous); then a bf16, channels-last training step on CUDA
     gives a finite loss and a finite gradient for every parameter."""
     torch.manual_seed(0)
-    cpu = timm.create_model(name, num_classes=10)
-    randomize_norms(cpu)
+    cpu = timm_nlp.create_model(name, num_classes=10)
+    randomize_model(cpu)
     gpu = copy.deepcopy(cpu).cuda()
     x, target = torch.randn(4, 3, 64, 64), torch.tensor([3, 7, 0, 9])
     with torch.no_grad(), sdpa_kernel(FUSED):
@@ -142,8 +145,8 @@ def test_model_on_cuda_matches_cpu(name):
 def test_compiled_pool_on_cuda_matches_eager():
     """torch.compile (inductor, Triton kernels) of a mixed local x non-local pool: output and gradients as eager."""
     torch.manual_seed(0)
-    eager = create_pool2d('mixp_headfix2', 64, 2).cuda().train()
-    randomize_norms(eager)
+    eager = create_pool2d('mixp_headfix2', 64, 2, patch_size=2).cuda().train()
+    randomize_model(eager)
     compiled = torch.compile(copy.deepcopy(eager))
     x, cot = torch.randn(4, 64, 28, 28, device='cuda'), torch.randn(4, 64, 14, 14, device='cuda')
     y_ref, gx_ref, gp_ref = _fwd_bwd(eager, x, cot)

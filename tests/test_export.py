@@ -10,11 +10,17 @@ from timm_nlp.grammar import POOL_METHODS
 from timm_nlp.layers import GaussianPool2d, WeightedPool2d, create_pool2d
 
 FAMILY_MODELS = [
-    'resnet18_skip_4222', 'resnet18_maxp_2222', 'resnetv2_18_avgp_2222', 'resnet18_lip_2222',
+    'resnet18_skip_4222', 'resnet18_maxp_2222', 'resnet18b1_avgp_2222', 'resnet18_lip_2222',
     'mobilenetv2_gaussian_pool_2222121', 'resnet18_nlp_headfix2_2222', 'resnet18_nlp_headfix2_nowin_reduced_1222',
-    'resnet18_dfmnlp_2222', 'resnetv2_18_mixp_2222', 'mobilenetv2_dfmixp_2222121', 'dyresnet18_lip_2222',
-    'prepool-lip-8-resnet18-skip-1222',
+    'resnet18_dfmnlp_2222', 'resnet18b1_mixp_2222', 'mobilenetv2_dfmixp_2222121', 'mobilenetv2b0_nlp_2222121',
+    'dyresnet18_lip_2222', 'dyresnet18_dfmnlp_reduced_1222', 'prepool-lip-8-resnet18-skip-1222',
+    'prepool-nlp_headfix2-4-mobilenet_v2-skip-1222121',
 ]
+
+
+def features(model, x):
+    """Every feature map (MobileNetV2's logits attenuate a pool's change below the tolerance)."""
+    return torch.cat([f.flatten() for f in model.forward_intermediates(x, intermediates_only=True)])
 
 
 def _model(name):
@@ -22,15 +28,18 @@ def _model(name):
     return randomize_model(timm_nlp.create_model(name).eval())
 
 
-# 70 px: odd maps, whose ceil-mode edge windows (zero variance) cost gaussian_pool's one-pass variance 1.8e-3 here
+# 70 px: odd maps (floor-mode pools drop a row and a column; patches do not tile them)
 @pytest.mark.parametrize('name,size', [(name, 48) for name in FAMILY_MODELS] + [
-    ('mobilenetv2_gaussian_pool_2222121', 70)])
+    ('mobilenetv2_gaussian_pool_2222121', 70), ('resnet18_nlp_headfix2_nowin_reduced_2222', 70)])
 def test_onnx_matches_pytorch(name, size, tmp_path):
     model = _model(name)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        tol = 1e-5 * max(1., model(x).abs().max().item())
     if any(isinstance(m, (WeightedPool2d, GaussianPool2d)) for m in model.modules()):
-        assert pooling_reaches_logits(model, torch.randn(2, 3, size, size))
+        assert pooling_reaches_logits(model, x, 10 * tol, output=features)  # in the feature maps: see features()
     diff = export_onnx(model, str(tmp_path / 'model.onnx'), (3, size, size), batch_size=2)
-    assert diff is not None and diff <= 1e-4, f'{name}: onnxruntime differs by {diff}'
+    assert diff is not None and diff <= tol, f'{name}: onnxruntime differs by {diff} (tolerance {tol:.2g})'
 
 
 def _batch_dim(path):
@@ -76,12 +85,13 @@ def _compiled_matches(model, x):
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('pool', POOL_METHODS)
+@pytest.mark.parametrize('pool', [m for m in POOL_METHODS if m != 'skip'] + ['nlp_headfix2_nowin_reduced'])
 def test_torch_compile_matches_eager_per_family(pool):
     """A small pooled network per family (inductor compiles a full ResNet in tens of seconds on 2 cores)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                          create_pool2d(pool, 16, 2, reduction=16), nn.Conv2d(16, 8, 1)).eval()
+                          create_pool2d(pool, 16, 2), nn.Conv2d(16, 8, 1)).eval()
+    randomize_model(model)
     _compiled_matches(model, torch.randn(2, 3, 24, 24))
 
 

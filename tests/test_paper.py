@@ -137,3 +137,35 @@ def test_paper_code_deformable_checkpoints_convert(arch, paper_network):  # noqa
         with pytest.raises(PaperCheckpointError, match='Convert it as'):
             convert_paper_state_dict(sd, arch)
     timm_nlp.create_model(target, num_classes=10).load_state_dict(convert_paper_state_dict(sd, target), strict=True)
+
+
+def test_convert_paper_cli_writes_weights_that_push_reads(tmp_path):
+    import subprocess
+    import sys
+    from timm_nlp.checkpoint import load_weights, read_metadata
+    torch.manual_seed(0)
+    arch = 'dymobilenet-nlp_headfix2-2222121'
+    ref = pr.randomize_reference(pr.build_reference(arch, num_classes=7)).eval()
+    pth = tmp_path / 'paper.pth'
+    torch.save(dict(_checkpoint(ref.state_dict()), accuracy=0.8125, epoch=41), pth)
+    out = tmp_path / 'converted'
+    cmd = [sys.executable, '-m', 'timm_nlp.cli', 'convert-paper', str(pth), '--arch', arch, '--out', str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    meta = read_metadata(str(out / 'model.safetensors'))
+    assert meta['architecture'] == 'dymobilenetv2b0_nlp_headfix2_2222121' and meta['num_classes'] == 7
+    assert meta['top1'] == 81.25 and meta['epoch'] == 41
+    model = timm.create_model(meta['architecture'], num_classes=7).eval()
+    model.load_state_dict(load_weights(str(out / 'model.safetensors')), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close_rel(model(x), ref(x), 1e-5, 'converted')
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'push', str(out / 'model.safetensors'), '--repo',
+                           'org/name', '--dry-run', '--out', str(tmp_path / 'hub')], capture_output=True, text=True)
+    assert proc.returncode == 0 and (tmp_path / 'hub' / 'config.json').is_file(), proc.stderr[-2000:]
+    # a pickle that is more than tensors is refused, never unpickled; a wrong architecture is named
+    torch.save({'state_dict': {}, 'model': torch.nn.Linear(2, 2)}, tmp_path / 'unsafe.pth')
+    proc = subprocess.run(cmd[:4] + [str(tmp_path / 'unsafe.pth')] + cmd[5:], capture_output=True, text=True)
+    assert proc.returncode == 2 and 'not loadable with weights_only=True' in proc.stderr
+    proc = subprocess.run(cmd[:6] + ['mobilenet_v2-nlp_headfix2-2222121'] + cmd[7:], capture_output=True, text=True)
+    assert proc.returncode == 2 and 'does not match mobilenet_v2-nlp_headfix2-2222121' in proc.stderr

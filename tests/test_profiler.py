@@ -24,31 +24,35 @@ def test_nlp_macs_include_attention():
                 + D * D * N        # output projection
                 + D * C * N)       # restore
     assert count_macs(create_pool2d('nlp_headfix2', C, 2), (C, H, W)) == expected
-    # reduced, p = 4 (reduction 8): tokens on a 3 x 3 grid, restore on the token grid in eval
-    pool = create_pool2d('nlp_headfix2_nowin_reduced', C, 2, reduction=8)
-    n, d = 9, 8
+    # reduced, p = 4: tokens on a 3 x 2 grid (floor), restore on the token grid
+    pool = create_pool2d('nlp_headfix2_nowin_reduced', C, 2)
+    n, d = 6, 32
     assert count_macs(pool, (C, H, W)) == C * d * 16 * n + 3 * d * d * n + 2 * n * n * d + d * d * n + d * C * n
-    # deformable: the deformable conv counts as a conv, plus its offset conv (2 p^2 outputs)
-    assert count_macs(create_pool2d('dfmnlp_headfix2', C, 2), (C, H, W)) == expected + 2 * C * N
+    # window-normalised with s dividing p and the map tiled by patches: an average pool in eval, no MACs
+    assert count_macs(create_pool2d('nlp_headfix2_reduced', C, 2), (C, 12, 12)) == 0
+    # deformable: the deformable conv counts as a conv, plus its offset and mask convs (3x3, 2 p^2 + p^2 outputs)
+    assert count_macs(create_pool2d('dfmnlp_headfix2', C, 2), (C, H, W)) == expected + 3 * C * 9 * N
 
 
 def test_stock_resnet18_macs_and_model_is_untouched():
     model = timm.create_model('resnet18')
     assert 1.80e9 < count_macs(model) < 1.83e9  # 1.81 GMACs, the published figure
     assert next(model.parameters()).device.type == 'cpu'
+    # the paper's network: stages 2-4 at stride 1, each with attention over all its positions
     pooled = timm.create_model('resnet18_nlp_headfix2_1222', device='meta')
-    assert 3.3 < count_macs(pooled) / count_macs(model) < 3.5
+    assert 5.1 < count_macs(pooled) / count_macs(model) < 5.2
 
 
 def _independent_count(model, x):
     """Live bytes of every step of a real forward, counted with hooks independently of the profiler: a leaf
     module holds its input and output; a pooling layer holds its input, importance map (input-sized for the
-    weighted poolings, except the per-patch map an un-normalised nlp pool applies after pooling, measured here
-    as the output of its last norm, plus an output-sized copy where it is up-sampled and cropped) and output; a
-    dynamic conv its input and output, a deformable conv also the offsets its offset conv gives. While their
-    own layers run, these keep their input alive, and a pool also the maps it computed before them (mixp's local
-    map, the pooled map of a pool that weights after pooling, here an avg-pooled copy of its input), counted once
-    (by storage) at each step that neither takes nor gives them."""
+    weighted poolings, except where it is constant in every window: the token weights, measured here as the
+    output of the restore norm, and their output-sized up-sampling, or nothing for a window-normalised such pool,
+    an average pool in eval) and output; a dynamic conv its input and output, a deformable conv also the offsets
+    and mask its offset and mask convs give. While their own layers run, these keep their input alive, and a pool
+    also the maps it computed before them (mixp's non-local map during its local branch; the pooled map of a
+    window-constant pool, here an avg-pooled copy of its input), counted once (by storage) at each step that
+    neither takes nor gives them."""
     from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
     steps, held, hooks, maps, depth = [], [], [], {}, []
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
@@ -62,32 +66,33 @@ def _independent_count(model, x):
     def enter(m, i):
         depth.append(len(held))
         held.append(i[0])
-        if isinstance(m, WeightedPool2d) and m.lip is None and not m.win_norm and m.nlp.patch_size % m.stride == 0:
-            held.append(F.avg_pool2d(i[0], m.stride, m.stride, ceil_mode=True))
+        if isinstance(m, WeightedPool2d) and not m.win_norm and m.window_constant(i[0]):
+            held.append(F.avg_pool2d(i[0], m.stride, m.stride))
 
     for name, m in model.named_modules():
         if isinstance(m, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
             hooks.append(m.register_forward_pre_hook(enter))
-            if isinstance(m, WeightedPool2d) and m.lip is not None and m.nlp is not None:
-                hooks.append(m.lip.register_forward_hook(lambda mod, i, o: held.append(o)))
+            if isinstance(m, WeightedPool2d) and m.local is not None and m.nlp is not None:
+                hooks.append(m.nlp.register_forward_hook(lambda mod, i, o: held.append(o)))
             if isinstance(m, WeightedPool2d) and m.nlp is not None:
                 hooks.append(m.nlp.restore_norm.register_forward_hook(
                     lambda mod, i, o, name=name: maps.__setitem__(name, o)))
             if isinstance(m, DeformConv2d):
                 hooks.append(m.offset.register_forward_hook(lambda mod, i, o, name=name: maps.__setitem__(name, o)))
+                hooks.append(m.mask.register_forward_hook(
+                    lambda mod, i, o, name=name: maps.__setitem__(name + '.mask', o)))
 
             def compound_hook(m, i, o, name=name):
                 del held[depth.pop():]
                 w = 0
-                if isinstance(m, DeformConv2d):
-                    w = nbytes(maps[name])
+                if isinstance(m, DeformConv2d):  # the offsets and the mask, cropped to the token grid
+                    o = o[0]
+                    h, w_ = o.shape[-2:]
+                    w = sum(nbytes(maps[key][:, :, :h, :w_]) for key in (name, name + '.mask'))
                 elif isinstance(m, WeightedPool2d):
                     w = nbytes(i[0])
-                    after = m.lip is None and not m.win_norm and m.nlp.patch_size % m.stride == 0
-                    if after:  # one weight per patch, broadcast over the pooled windows of each patch
-                        t, f = maps[name], m.nlp.patch_size // m.stride
-                        cropped = (t.shape[-2] * f, t.shape[-1] * f) != tuple(o.shape[-2:])
-                        w = nbytes(t) + (nbytes(o) if cropped else 0)
+                    if m.window_constant(i[0]):  # token weights, up-sampled to the pooled windows
+                        w = 0 if m.win_norm else nbytes(maps[name]) + nbytes(o)
                 record(name, i, o, w)
             hooks.append(m.register_forward_hook(compound_hook))
         elif name and not list(m.children()):
@@ -102,9 +107,10 @@ def _independent_count(model, x):
 @pytest.mark.parametrize('name,size', [
     ('resnet18', 96), ('mobilenetv2_100', 96), ('resnet18_nlp_headfix2_2222', 96), ('mobilenetv2_lip_4222121', 96),
     ('resnet18_gaussian_pool_4222', 96), ('resnet18_nlp_headfix2_nowin_reduced_2222', 96),
-    ('resnet18_nlp_headfix2_nowin_reduced_2222', 100),  # 25 x 25 maps: patches of 8 pad, the weights are cropped
-    ('resnet18_dfmixp_2222', 64), ('dyresnet18_dfmnlp_reduced_1222', 64), ('dymobilenetv2_lip_2222121', 64),
-    ('prepool-nlp_headfix2_nowin_reduced-4-resnet18-skip-1222', 64),
+    ('resnet18_nlp_headfix2_nowin_reduced_2222', 100),  # 25 x 25 maps: patches of 4 do not tile it
+    ('resnet18_nlp_reduced_2222', 96), ('resnet18_dfmixp_2222', 64), ('dyresnet18_dfmnlp_reduced_1222', 64),
+    ('dymobilenetv2_lip_2222121', 64), ('mobilenetv2b0_mixp_2222121', 64),
+    ('prepool-nlp_headfix2-4-resnet18-skip-1222', 64),
 ])
 def test_profile_equals_independent_count(name, size):
     model = timm_nlp.create_model(name)
@@ -115,14 +121,15 @@ def test_profile_equals_independent_count(name, size):
 
 
 def test_maps_computed_before_a_pools_branch_are_held_and_maps_are_not_summed():
-    # mixp: the local map (input-sized) is live through the whole non-local branch
+    # mixp: the non-local map (input-sized) is live through the whole local branch
     mixp = activation_profile(timm.create_model('resnet18_mixp_2222', device='meta'), (3, 64, 64)).layers
-    qkv = next(s for s in mixp if s.name == 'layer1.0.aa.nlp.attn.qkv')
-    assert qkv.held_bytes == 2 * 64 * 16 * 16 * 4  # the pool's input and its local map
+    norm = next(s for s in mixp if s.name == 'layer1.pool.local.norm')
+    assert norm.held_bytes == 2 * 64 * 16 * 16 * 4  # the pool's input and its non-local map
+    assert next(s for s in mixp if s.name == 'layer1.pool.nlp.attn.qkv').held_bytes == 64 * 16 * 16 * 4
     # a pool weighting after pooling computes the pooled map first
     name = 'resnet18_nlp_headfix2_nowin_reduced_2222'
     nowin = activation_profile(timm.create_model(name, device='meta'), (3, 64, 64)).layers
-    embed = next(s for s in nowin if s.name == 'layer1.0.aa.nlp.patch_embed')
+    embed = next(s for s in nowin if s.name == 'layer1.pool.nlp.patch_embed')
     assert embed.held_bytes == 64 * 8 * 8 * 4
     # the largest map is one tensor: a pool's importance map is not added to its output
     profile = activation_profile(timm_nlp.create_model('prepool-lip-4-resnet18-skip-1222'), (3, 64, 64))
@@ -138,7 +145,7 @@ def test_dynamic_conv_is_one_step_like_a_conv():
     dy = activation_profile(timm.create_model('dyresnet18_skip_2222'), (3, 64, 64)).layers
     routing = [s for s in dy if s.name.endswith(('.fc1', '.fc2'))]
     convs = {s.name: s for s in dy if s.kind == 'DynamicConv2d'}
-    assert len(convs) == 20 and len(routing) == 40
+    assert len(convs) == 21 and len(routing) == 42  # the stem, 16 block convs, 4 shortcuts
     steps = [(s.name, s.live_bytes) for s in dy if not s.name.endswith(('.fc1', '.fc2'))]
     assert steps == [(s.name, s.live_bytes) for s in plain]
     for s in routing:
@@ -148,38 +155,42 @@ def test_dynamic_conv_is_one_step_like_a_conv():
 
 
 def test_pool_input_is_counted_once():
-    """A pre-pool's input is the stem's output and its patch embedding's input: held, but not twice (the pooled
-    map, computed before the weights, is held)."""
-    name = 'prepool-nlp_headfix2_nowin_reduced-4-resnet18-skip-1222'
-    profile = activation_profile(timm_nlp.create_model(name, device='meta'), (3, 128, 128))
+    """A pre-pool's input is the stem's output and its patch embedding's input: live there, but not held on top;
+    the steps of its branch hold it."""
+    profile = activation_profile(timm_nlp.create_model('prepool-nlp_headfix2-4-resnet18-skip-1222', device='meta'),
+                                 (3, 128, 128))
     embed = next(s for s in profile.layers if s.name == 'maxpool.nlp.patch_embed')
-    assert embed.held_bytes == 64 * 32 * 32 * 4 and embed.live_bytes == (64 * 128 * 128 + 16 * 32 * 32) * 4 + \
-        embed.held_bytes
-    assert (profile.peak_bytes, profile.peak_layer.name) == (2 * 64 * 128 * 128 * 4, 'bn1')
+    stem = 64 * 128 * 128 * 4
+    assert embed.held_bytes == 0 and embed.live_bytes == stem + 64 * 64 * 64 * 4
+    assert next(s for s in profile.layers if s.name == 'maxpool.nlp.norm').held_bytes == stem
+    pool = next(s for s in profile.layers if s.name == 'maxpool')
+    assert (pool.in_bytes, pool.operand_bytes, pool.out_bytes) == (stem, stem, 64 * 32 * 32 * 4)
+    assert (profile.peak_bytes, profile.peak_layer.name) == (2 * stem + 64 * 32 * 32 * 4, 'maxpool')
 
 
 def test_dynamic_and_deformable_conv_macs():
-    C, Co, K, hidden, N = 16, 32, 4, 4, 8 * 8  # 3 x 3, stride 2 on 16 x 16
+    C, Co, K, hidden, N = 16, 32, 4, 5, 8 * 8  # 3 x 3, stride 2 on 16 x 16; hidden = int(16 / 4) + 1
     conv = Co * C * 9 * N
     # the conv with the mixed kernel; mixing the K kernels and biases; the routing MLP
     dyn = DynamicConv2d(C, Co, 3, stride=2, padding=1, num_kernels=K)
     assert count_macs(dyn, (C, 16, 16)) == conv + K * Co * C * 9 + K * Co + C * hidden + hidden * K
-    # the deformable conv counts as a conv, plus its offset conv (2 * 3 * 3 outputs)
-    assert count_macs(DeformConv2d(C, Co, 3, stride=2, padding=1), (C, 16, 16)) == conv + 18 * C * 9 * N
+    # the deformable conv (kernel = stride = 3: 5 x 5 outputs) counts as a conv, plus its offset and mask convs
+    # (3 x 3, stride 3, pad 1: 6 x 6 outputs, 18 and 9 channels)
+    assert count_macs(DeformConv2d(C, Co, 3), (C, 16, 16)) == Co * C * 9 * 25 + 27 * C * 9 * 36
     # a dynamic model: the plain one's MACs, plus one per parameter of its DynamicConv2ds but the routing biases
     dy = timm.create_model('dyresnet18_skip_2222')
     extra = sum(p.numel() for m in dy.modules() if isinstance(m, DynamicConv2d)
-                for n, p in m.named_parameters() if n not in ('fc1.bias', 'fc2.bias'))
+                for n, p in m.named_parameters() if n != 'fc2.bias')
     assert count_macs(dy, (3, 64, 64)) == \
         count_macs(timm.create_model('resnet18_skip_2222'), (3, 64, 64)) + extra
 
 
-@pytest.mark.parametrize('backbone,last,stock', [('resnet18', 'layer1.1.act2', '1222'),
-                                                 ('mobilenetv2', 'blocks.0.0.bn2.act', '1222121')])
-def test_first_stage_map_shrinks_with_the_stride(backbone, last, stock):
+@pytest.mark.parametrize('backbone,stage,stock', [('resnet18', 'layer1.', '1222'),
+                                                  ('mobilenetv2', 'blocks.0.', '1222121')])
+def test_first_stage_output_shrinks_with_the_stride(backbone, stage, stock):
     def stage1_bytes(digits):
         layers = activation_profile(timm.create_model(f'{backbone}_lip_{digits}'), (3, 224, 224)).layers
-        return next(s.out_bytes for s in layers if s.name == last)
+        return [s.out_bytes for s in layers if s.name.startswith(stage)][-1]
     base = stage1_bytes(stock)
     assert stage1_bytes('2' + stock[1:]) * 4 == base
     assert stage1_bytes('4' + stock[1:]) * 16 == base
@@ -203,6 +214,6 @@ def test_profile_cli_compare_and_plot(tmp_path):
                           capture_output=True, text=True)
     assert '| 0 | conv1 (Conv2d) | 1x64x32x32 |' in proc.stdout
     # a pooling step: its importance map in its own column, as large as its input; live is the sum of the columns
-    row = next(r.split('|') for r in proc.stdout.splitlines() if '| layer1.0.aa (WeightedPool2d) |' in r)
+    row = next(r.split('|') for r in proc.stdout.splitlines() if '| layer1.pool (WeightedPool2d) |' in r)
     kib = [float(v) for v in row[4:9]]
     assert kib[0] == kib[2] == 64 * 16 * 16 * 4 / 1024 and kib[4] == sum(kib[:4])

@@ -1,4 +1,5 @@
-"""The ``timm-nlp`` command line: train, compare, profile, push (Hugging Face Hub), stl10 (dataset conversion)."""
+"""The ``timm-nlp`` command line: train, compare, profile, push (Hugging Face Hub), convert-paper (checkpoints of the
+paper's code), stl10 (dataset conversion)."""
 import argparse
 import copy
 import logging
@@ -39,9 +40,9 @@ def _compare(args: argparse.Namespace) -> List[dict]:
         if ema and len(ema) < len(results):
             note += f" ({', '.join(ema)})"
         print(f'\n{len(results)} models, {args.epochs} epochs each, {args.img_size}x{args.img_size} input{note}\n')
-        header = ['model', 'top-1 (%)', 'best top-1 (%)', 'params (M)', 'peak act. mem (KiB)',
+        header = ['model', 'best-epoch top-1 (%)', 'last-epoch top-1 (%)', 'params (M)', 'peak act. mem (KiB)',
                   'stage-1 map (KiB)', 'train img/s', 'eval img/s', 'weights']
-        rows = [[r['model'], f"{r[r['eval_metric']]:.2f}", f"{r['best_top1']:.2f}", f"{r['params'] / 1e6:.2f}",
+        rows = [[r['model'], f"{r['best_top1']:.2f}", f"{r['last_top1']:.2f}", f"{r['params'] / 1e6:.2f}",
                  f"{r['peak_kib']:.0f}", f"{r['stage1_kib']:.0f}", f"{r['train_img_s']:.0f}",
                  f"{r['eval_img_s']:.0f}", r['weights']] for r in results]
         print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
@@ -89,6 +90,12 @@ def _push(args: argparse.Namespace) -> None:
         print(push(args.checkpoint, args.repo, token=args.token, private=args.private))
 
 
+def _convert_paper(args: argparse.Namespace) -> None:
+    from .tools.convert_paper import convert_paper_checkpoint
+    out = convert_paper_checkpoint(args.checkpoint, args.arch, args.out)
+    print(f'{args.checkpoint} ({args.arch}) -> {out}')
+
+
 def _stl10(args: argparse.Namespace) -> None:
     from .tools.stl10 import convert_stl10
     counts = convert_stl10(args.src, args.dst, splits=args.splits)
@@ -105,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_train_args(sub.add_parser('compare', help='train several pooling variants and print a table'))
     p.add_argument('--models', nargs='+', default=list(COMPARE_MODELS))
     # sized to finish in under 5 minutes on 2 CPU cores with the digits default
-    p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.1, img_size=28)
+    p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.02, img_size=28)
     p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')
     p.add_argument('models', nargs='+', help='registered model names (stock timm names too)')
     p.add_argument('--img-size', type=positive_int, default=224)
@@ -121,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--token', default=None, help='Hugging Face token (default: HF_TOKEN)')
     p.add_argument('--private', action='store_true')
     p.set_defaults(func=_push)
+    p = sub.add_parser('convert-paper', help="convert a checkpoint of the paper's code (ann.py) to model.safetensors")
+    p.add_argument('checkpoint', help=".pth written by the paper's ann.py (read with torch.load(weights_only=True))")
+    p.add_argument('--arch', required=True, help="the architecture string it was trained as, e.g. resnet18-nlp-1222")
+    p.add_argument('--out', required=True, help='output folder: OUT/model.safetensors, ready for timm-nlp push')
+    p.set_defaults(func=_convert_paper)
     p = sub.add_parser('stl10', help="convert torchvision's STL-10 binary files to an image folder")
     p.add_argument('src', help='folder holding train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt')
     p.add_argument('dst', help='output folder: DST/train/CLASS/*.png, DST/test/CLASS/*.png')

@@ -28,8 +28,11 @@ _REGISTERED = False
 def _deform_conv2d(g, x, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups,
                    offset_groups, use_mask):
     inputs = [x, weight, offset, bias] + ([mask] if use_mask else [])
-    return g.op('DeformConv', *inputs, strides_i=[stride_h, stride_w], pads_i=[pad_h, pad_w, pad_h, pad_w],
-                dilations_i=[dil_h, dil_w], group_i=groups, offset_group_i=offset_groups)
+    out = g.op('DeformConv', *inputs, strides_i=[stride_h, stride_w], pads_i=[pad_h, pad_w, pad_h, pad_w],
+               dilations_i=[dil_h, dil_w], group_i=groups, offset_group_i=offset_groups)
+    # the traced output type would fix the batch size of every shape read from it: leave the sizes to ONNX
+    out.setType(x.type().with_sizes([None, None, None, None]))
+    return out
 
 
 def register_onnx_symbolics() -> None:

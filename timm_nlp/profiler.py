@@ -98,22 +98,23 @@ def _held_bytes(held: List[Tuple[torch.Tensor, ...]], inputs, output) -> int:
 
 def _operand_bytes(module: nn.Module, inputs, output: torch.Tensor) -> int:
     """The map a compound step computes with besides its input: a weighted pooling's importance map (input-sized,
-    or one value per patch where it is applied after pooling), a deformable conv's offsets; else 0."""
+    or, where it is constant in every window, the token weights and their output-sized up-sampling; none for a
+    window-normalised such pool in eval, an average pool), a deformable conv's offsets and mask; else 0."""
     from timm_nlp.layers import DeformConv2d, WeightedPool2d
     if isinstance(module, DeformConv2d):
         B, _, H, W = output.shape
-        return B * 2 * module.weight.shape[-2] * module.weight.shape[-1] * H * W * output.element_size()
+        k = module.kernel_size
+        return B * 3 * k * k * H * W * output.element_size()
     if not isinstance(module, WeightedPool2d):
         return 0
-    if not module.weights_after_pooling:
-        return _nbytes(inputs)
-    B, C, H, W = inputs[0].shape
-    p, f = module.nlp.patch_size, module.nlp.patch_size // module.stride
-    Hp, Wp = -(-H // p), -(-W // p)
-    extra = B * C * Hp * Wp * output.element_size()
-    if (Hp * f, Wp * f) != tuple(output.shape[-2:]):  # up-sampled and cropped to the output
-        extra += _nbytes(output)
-    return extra
+    x = inputs[0]
+    if not module.window_constant(x):
+        return _nbytes(x)
+    if module.win_norm:
+        return 0
+    B, C, H, W = x.shape
+    p = module.nlp.patch_size
+    return B * C * (H // p) * (W // p) * output.element_size() + _nbytes(output)
 
 
 def activation_profile(
@@ -127,12 +128,12 @@ def activation_profile(
     A step is a leaf module (a conv, a norm, an activation, a linear layer...). Its live memory is its input
     plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
     A compound layer is one step too, after its internal steps: a pooling layer (WeightedPool2d, GaussianPool2d),
-    whose live memory adds the importance map it weights with (input-sized, or one value per patch where it is
-    applied after pooling), and a conv with an internal branch, counted like nn.Conv2d: DynamicConv2d (its K
+    whose live memory adds the importance map it weights with (input-sized, or the token weights and their
+    up-sampling to the windows where they are constant per window), and a conv with an internal branch, counted like nn.Conv2d: DynamicConv2d (its K
     routing weights are negligible; its per-sample mixed kernel is weight-sized and not counted) and DeformConv2d
-    (plus the offset map it samples with). While a compound layer's internal steps run (its importance, routing
-    or offset branch), its input stays live, and so do the maps it computed before them (mixp's local importance
-    map during the non-local branch; the pooled map of a pool that weights after pooling): a step counts these
+    (plus the offset and mask maps it samples with). While a compound layer's internal steps run (its importance,
+    routing or offset branch), its input stays live, and so do the maps it computed before them (mixp's non-local
+    map during the local branch; the pooled map of a pool whose weights are constant per window): a step counts these
     as held unless it takes or gives them (same storage), so a held tensor is never counted twice (an in-place
     activation or an identity still counts its input and output apart). Tensors held across other steps
     (residual shortcuts) are not counted: a step's live memory is its own input and output.
@@ -148,6 +149,8 @@ def activation_profile(
         def hook(module, inputs, output):
             if compound:
                 del held[depths.pop():]
+            if isinstance(module, DeformConv2d):
+                output = output[0]  # (embedding, offsets): the offsets are its operand
             layers.append(LayerMemory(
                 name, type(module).__name__, tuple(output.shape), _nbytes(inputs), _nbytes(output),
                 _operand_bytes(module, inputs, output), _held_bytes(held, inputs, output)))
@@ -156,18 +159,18 @@ def activation_profile(
     def enter(module, inputs):
         depths.append(len(held))
         held.append(inputs)
-        if isinstance(module, WeightedPool2d) and module.weights_after_pooling:
+        if isinstance(module, WeightedPool2d) and module.window_constant(inputs[0]) and not module.win_norm:
             B, C, H, W = inputs[0].shape
             s = module.stride
-            held.append((inputs[0].new_empty(B, C, -(-H // s), -(-W // s)),))  # the pooled map, computed first
+            held.append((inputs[0].new_empty(B, C, H // s, W // s),))  # the pooled map, computed first
 
     for name, module in meta.named_modules():
         if isinstance(module, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
             hooks.append(module.register_forward_pre_hook(enter))
             hooks.append(module.register_forward_hook(step_hook(name, compound=True)))
-            if isinstance(module, WeightedPool2d) and module.lip is not None and module.nlp is not None:
-                # mixp: the local importance map is computed first and kept for the product
-                hooks.append(module.lip.register_forward_hook(lambda m, inputs, output: held.append((output,))))
+            if isinstance(module, WeightedPool2d) and module.local is not None and module.nlp is not None:
+                # mixp: the non-local map, computed first, is kept while the local branch runs
+                hooks.append(module.nlp.register_forward_hook(lambda m, inputs, output: held.append((output,))))
         elif not any(True for _ in module.children()) and name:
             hooks.append(module.register_forward_hook(step_hook(name)))
     with torch.no_grad():

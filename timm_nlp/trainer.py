@@ -131,6 +131,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``timm-nlp train`` arguments (names follow timm's train.py where they overlap)."""
     parser.add_argument('--model', default='resnet18_nlp_headfix2_2222',
                         help='registered name or any architecture string (seed or timm form)')
+    parser.add_argument('--recipe', default='timm-nlp', choices=['timm-nlp', 'paper'],
+                        help="'paper': the paper's recipe (SGD 0.9, lr 1e-2 / 5 at 60/80/90%% of the epochs, weight "
+                             'decay 0, batch 8, mean = std = 0.5, bilinear) for every option left at its default')
     parser.add_argument('--data-dir', default='', help='image folder with train/ and val/ (or test/)')
     parser.add_argument('--dataset', default='', help='timm dataset name, e.g. torch/cifar100 (root: --data-dir)')
     parser.add_argument('--dataset-download', action='store_true', help='let a torch/ dataset download itself')
@@ -141,7 +144,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', '-b', type=positive_int, default=32)
     parser.add_argument('--img-size', type=positive_int, default=32)
     parser.add_argument('--opt', default='sgd')
-    parser.add_argument('--lr', type=float, default=0.05)
+    parser.add_argument('--lr', type=float, default=0.02,
+                        help="the paper's networks (no zero init of the blocks' last BN) diverge at 0.1 on the digits")
     parser.add_argument('--momentum', type=float, default=0.9)
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--sched', default='cosine')
@@ -152,6 +156,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument('--drop', type=float, default=0., help='classifier dropout')
     parser.add_argument('--smoothing', type=float, default=0.)
     parser.add_argument('--no-aug', action='store_true', help='resize and center crop only')
+    parser.add_argument('--mean', type=float, nargs=3, default=None, help="normalisation mean (default: the model's)")
+    parser.add_argument('--std', type=float, nargs=3, default=None, help="normalisation std (default: the model's)")
+    parser.add_argument('--interpolation', default='', help="resize interpolation (default: the model's)")
     parser.add_argument('--hflip', type=float, default=None, help='flip probability (default 0.5; 0 for digits)')
     parser.add_argument('--scale', type=float, nargs=2, default=None,
                         help='random-resized-crop scale range (default 0.08 1; 0.6 1 for digits)')
@@ -165,14 +172,38 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='start from these weights; a classifier of another class count keeps its init')
     parser.add_argument('--resume', default='auto',
                         help="'auto': continue from OUTPUT/last.safetensors if present; 'none'; or a file")
-    parser.add_argument('--dy-anneal-epochs', type=int, default=10,
-                        help='dynamic convs: temperature annealed linearly 30 -> 1 over these epochs')
+    parser.add_argument('--dy-anneal-epochs', type=int, default=0,
+                        help='dynamic convs: anneal the temperature linearly from its initial value (34) to 1 over '
+                             'these epochs, as the dynamic-conv paper does (default 0: fixed, as in the paper\'s '
+                             'code)')
     parser.add_argument('--checkpoint-hist', type=int, default=3)
     parser.add_argument('--workers', '-j', type=int, default=0)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
+
+
+# DESIGN's reading of the paper's ann.py (STL-10): plain SGD, no weight decay, label smoothing, dropout, colour
+# jitter or warm-up; Resize + RandomResizedCrop and flips for training, resize and center crop of the whole image
+# for testing; mean = std = 0.5; lr / 5 at 60, 80 and 90% of the epochs
+PAPER_RECIPE: Dict[str, Any] = dict(
+    opt='sgd', momentum=0.9, weight_decay=0., lr=1e-2, sched='multistep', decay_rate=0.2, warmup_epochs=0,
+    smoothing=0., drop=0., batch_size=8, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation='bilinear',
+    hflip=0.5, scale=[0.08, 1.])
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--recipe paper`` applied to every option left at its default (the decay milestones at 60, 80
+    and 90% of ``--epochs``, as ``int(fraction * epochs)``, the paper's rounding)."""
+    if getattr(args, 'recipe', 'timm-nlp') != 'paper':
+        return args
+    defaults = vars(add_train_args(argparse.ArgumentParser()).parse_args([]))
+    recipe = dict(PAPER_RECIPE, decay_milestones=[int(f * args.epochs) for f in (0.6, 0.8, 0.9)])
+    for key, value in recipe.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+    return args
 
 
 def process_device(device: str) -> str:
@@ -221,9 +252,8 @@ def _resume_path(args: argparse.Namespace) -> Optional[str]:
     return args.resume
 
 
-def _dy_temperature(epoch: int, anneal_epochs: int, start: float = 30.) -> float:
-    if anneal_epochs <= 0:
-        return 1.
+def _dy_temperature(epoch: int, anneal_epochs: int, start: float) -> float:
+    """The annealed temperature of ``epoch``: linear from ``start`` to 1 over ``anneal_epochs`` epochs."""
     return max(1., start - (start - 1.) * epoch / anneal_epochs)
 
 
@@ -278,6 +308,7 @@ def _check_recorded_architecture(model: torch.nn.Module, path: str) -> None:
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Train one model; returns its final metrics, sizes, throughput and checkpoint paths."""
+    args = apply_recipe(args)
     device = torch.device(process_device(args.device))
     distributed, rank, world = _init_distributed(str(device))
     random_seed(args.seed)
@@ -289,7 +320,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f'--batch-size {args.batch_size} is larger than the {images}: the incomplete last batch is '
                          f'dropped, so nothing would be trained; use --batch-size {per_process} or less.')
     model = _build_model(args, num_classes).to(device)
-    data_cfg = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size)), model=model)
+    data_cfg = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size), mean=args.mean, std=args.std,
+                                        interpolation=args.interpolation), model=model)
     loader_kw = dict(input_size=data_cfg['input_size'], mean=data_cfg['mean'], std=data_cfg['std'],
                      interpolation=data_cfg['interpolation'], num_workers=args.workers, distributed=distributed,
                      use_prefetcher=False, device=device, persistent_workers=False)  # workers seeded per epoch
@@ -309,7 +341,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_milestones=args.decay_milestones,
         decay_rate=args.decay_rate, warmup_epochs=args.warmup_epochs, min_lr=args.min_lr,
         updates_per_epoch=len(train_loader))
-    dynamic = any(isinstance(m, DynamicConv2d) for m in model.modules())
+    temperatures = [m.temperature.item() for m in model.modules() if isinstance(m, DynamicConv2d)]
+    anneal_from = temperatures[0] if temperatures and args.dy_anneal_epochs > 0 else None
 
     # with EMA, checkpoints are ranked (and model.safetensors is chosen and scored) by the EMA eval, as in timm
     eval_metric = 'ema_top1' if task.has_ema() else 'top1'
@@ -360,8 +393,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         random_seed(args.seed + epoch, rank)
         if distributed:
             train_loader.sampler.set_epoch(epoch)
-        if dynamic:
-            set_dynamic_temperature(model, _dy_temperature(epoch, args.dy_anneal_epochs))
+        if anneal_from is not None:
+            set_dynamic_temperature(model, _dy_temperature(epoch, args.dy_anneal_epochs, anneal_from))
         train_metrics, train_ips = _train_one_epoch(task, optimizer, scheduler, train_loader, epoch, num_epochs,
                                                     device, progress=rank == 0 and not args.no_progress)
         metrics, eval_ips = _evaluate(task.get_eval_model(), eval_loader, device, distributed)
@@ -395,7 +428,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                          dict({k: best.get(k, v) for k, v in export_meta.items()}, epoch=best['epoch'],
                               top1=best['metric']))
             result.update(eval_metric=ranked_by, best_top1=best['metric'], best_epoch=best['epoch'],
-                          output=args.output, weights=os.path.join(args.output, 'model.safetensors'))
+                          last_top1=metrics.get(ranked_by), output=args.output,
+                          weights=os.path.join(args.output, 'model.safetensors'))
     if distributed:  # the process group stays for further train() calls (compare); the caller destroys it
         dist.barrier()
     return result
@@ -411,7 +445,7 @@ def _label_names(dataset: Dataset) -> Optional[List[str]]:
 def _recipe(args: argparse.Namespace, dataset: Dataset) -> Dict[str, Any]:
     """The training recipe recorded with the exported weights (and in the Hub model card)."""
     name = args.dataset or (os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else None)
-    return dict(dataset=name or 'sklearn-digits', epochs=args.epochs, batch_size=args.batch_size,
+    return dict(dataset=name or 'sklearn-digits', recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                 img_size=args.img_size, opt=args.opt, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, sched=args.sched, drop=args.drop, seed=args.seed,
                 stock_weights=args.stock_weights or None, model_ema=args.model_ema)

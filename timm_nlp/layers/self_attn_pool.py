@@ -63,11 +63,13 @@ def resample_at_offsets(w: torch.Tensor, offset: torch.Tensor, kernel_size: int)
     bilinearly at ``(i k + r - dy, j k + c - dx)`` (clamped to the map), with ``(dy, dx)`` the offset of kernel
     position ``(r, c)`` at token ``(i, j)`` (torchvision's layout). Pixels beyond the token grid keep their value.
     """
-    B, C, H, W = w.shape
+    H, W = w.shape[-2], w.shape[-1]
     k = kernel_size
     h, wt = offset.shape[-2], offset.shape[-1]
     Hk, Wk = min(h * k, H), min(wt * k, W)
-    off = offset.reshape(B, k, k, 2, h, wt).permute(0, 3, 4, 1, 5, 2).reshape(B, 2, h * k, wt * k)
+    # (B, (r, c, yx), i, j) -> (B, yx, i * k + r, j * k + c), written without the batch size (an ONNX graph's
+    # batch is dynamic)
+    off = offset.unflatten(1, (k, k, 2)).permute(0, 3, 4, 1, 5, 2).flatten(4, 5).flatten(2, 3)
     off = off[:, :, :Hk, :Wk]
     ys = torch.arange(Hk, device=w.device, dtype=w.dtype)[None, :, None] - off[:, 0]
     xs = torch.arange(Wk, device=w.device, dtype=w.dtype)[None, None, :] - off[:, 1]
@@ -163,10 +165,14 @@ class DeformConv2d(nn.Module):
             # per-sample kernels: the batch as groups (offset groups too); attention of the modulated samples' mean
             ones = torch.ones(C, 1, k, k, device=x.device, dtype=compute)
             mean = deform_conv2d(xc, offset, ones, None, (k, k), mask=mask).mean((2, 3)) / (k * k)
-            weight = conv.mixed_weight(conv.attention_from_mean(mean.to(dtype))).to(compute)
-            out = deform_conv2d(
-                xc.reshape(1, B * C, H, W), offset.reshape(1, -1, h, w), weight, None, (k, k),
-                mask=mask.reshape(1, -1, h, w)).reshape(B, -1, h, w)
+            attn = conv.attention_from_mean(mean.to(dtype))
+            if conv.batch_agnostic:  # ONNX with a dynamic batch: all K kernels, outputs mixed (K times the MACs)
+                out = deform_conv2d(xc, offset, conv.weight.to(compute), None, (k, k), mask=mask)
+                out = (out.unflatten(1, (conv.num_kernels, -1)) * attn.to(compute)[:, :, None, None, None]).sum(1)
+            else:
+                out = deform_conv2d(
+                    xc.reshape(1, B * C, H, W), offset.reshape(1, -1, h, w), conv.mixed_weight(attn).to(compute),
+                    None, (k, k), mask=mask.reshape(1, -1, h, w)).reshape(B, -1, h, w)
         else:
             # its CUDA backward fails ("internal overlap") on a 1x1 kernel in channels-last strides: an NCHW copy
             weight = conv.weight.to(compute, copy=True, memory_format=torch.contiguous_format)
@@ -255,6 +261,10 @@ class SelfAttentiveImportance(nn.Module):
         cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
         mean = (t * (rows[:, None] * cols[None, :])).sum((2, 3)) / (size[0] * size[1])
         attn = conv.attention_from_mean(mean)
+        if conv.batch_agnostic:  # ONNX with a dynamic batch: all K kernels, outputs mixed
+            out = F.conv2d(t, conv.weight).unflatten(1, (conv.num_kernels, -1))
+            out = (out * attn[:, :, None, None, None]).sum(1)
+            return out if conv.bias is None else out + (attn @ conv.bias)[:, :, None, None]
         B, E = t.shape[0], t.shape[1]
         weight = conv.mixed_weight(attn).reshape(B, -1, E)
         out = torch.bmm(weight, t.reshape(B, E, h * w)).reshape(B, -1, h, w)

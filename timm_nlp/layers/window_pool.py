@@ -28,8 +28,10 @@ def pool_output_size(size: int, stride: int, ceil_mode: bool = False) -> int:
 
 
 def _window(x: torch.Tensor, stride: int) -> List[int]:
-    """The window (= kernel) of a floor-mode pool: ``stride``, or the whole axis where the map is smaller."""
-    return [min(stride, x.shape[-2]), min(stride, x.shape[-1])]
+    """The window (= kernel) of a floor-mode pool: ``stride``, or the whole axis where the map is smaller (a
+    constant either way, as ONNX's pooling kernels must be)."""
+    h, w = x.shape[-2], x.shape[-1]
+    return [stride if h >= stride else int(h), stride if w >= stride else int(w)]
 
 
 def window_avg_pool2d(x: torch.Tensor, stride: int, ceil_mode: bool = False) -> torch.Tensor:
