@@ -256,7 +256,7 @@ print('fc kept', sd['fc.weight'].shape[0])
     assert proc.returncode == 0, proc.stderr[-3000:]
     n_stock = len(stock.state_dict())
     assert f'same {n_stock - 2} of {n_stock}' in proc.stdout and 'fc kept 10' in proc.stdout  # all but fc.*
-    assert 'new module: layer1.0.aa' in proc.stderr and 'new module: layer4.0.aa' in proc.stderr
+    assert 'new module: layer1.pool' in proc.stderr and 'new module: layer4.pool' in proc.stderr
     code = "import timm, timm_nlp\ntimm.create_model('resnet18_nlp_2222', stock_weights='resnet50.a1_in1k')"
     proc = _offline(hf_home, code)
     assert proc.returncode and 'are weights of resnet50, but resnet18-nlp-2222 is built from resnet18' in proc.stderr
@@ -271,8 +271,8 @@ with pytest.raises(ValueError, match="unknown model 'vit_base'"):
 timm_nlp.models.register_pretrained(dict(model='resnet18_maxp_4222', tag='demo', hf_hub_id='org/demo', num_classes=7))
 assert 'resnet18_maxp_4222.demo' in timm.list_pretrained('resnet18_maxp_4222*')
 cfg = timm.models.get_pretrained_cfg('resnet18_maxp_4222.demo')
-assert cfg.hf_hub_id == 'org/demo' and cfg.num_classes == 7 and cfg.pool_size == (2, 2)
-# a tag with its own input size gets the pool size of that input (1/128 of each side, rounded up)
+assert cfg.hf_hub_id == 'org/demo' and cfg.num_classes == 7 and cfg.pool_size == (1, 1)  # 224 -> 56, 14, 7, 3, 1
+# a tag with its own input size gets the pool size of that input (384 -> 3, 256 -> 2)
 timm_nlp.models.register_pretrained(
     dict(model='resnet18_maxp_4222', tag='big', hf_hub_id='org/big', input_size=[3, 384, 256]))
 cfg = timm.models.get_pretrained_cfg('resnet18_maxp_4222.big')

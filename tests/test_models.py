@@ -34,7 +34,8 @@ def _expected_features(arch: ArchSpec, H: int, W: int):
     hs, ws = arch.output_sizes(H), arch.output_sizes(W)
     n = len(arch.strides)
     if arch.spec.family == 'mobilenetv2':
-        return [(arch.reductions[i + 1], hs[i + 1], ws[i + 1]) for i in range(n) if i == n - 1 or arch.strides[i + 1] > 1]
+        return [(arch.reductions[i + 1], hs[i + 1], ws[i + 1]) for i in range(n)
+                if i == n - 1 or arch.strides[i + 1] > 1]
     stem = 2 if arch.prepool is None else arch.prepool_stride if arch.prepool.method == 'skip' else 1
     return [(stem, -(-H // stem), -(-W // stem))] + [(arch.reductions[i + 1], hs[i + 1], ws[i + 1]) for i in range(n)]
 
@@ -359,7 +360,7 @@ def test_torchscript_and_fx_match_eager():
     torch.manual_seed(0)
     x = torch.randn(1, 3, 64, 64)
     for name in ('resnet18_mixp_2222', 'dymobilenetv2_dfmnlp_2222121', 'resnet18b1_gaussian_pool_4222',
-                 'resnet18_nlp_headfix2_nowin_reduced_1222', 'mobilenetv2b0_nlp_headfix2_2222121'):
+                 'resnet18_lip_2222', 'resnet18_nlp_headfix2_nowin_reduced_1222', 'mobilenetv2b0_nlp_headfix2_2222121'):
         with timm.layers.set_layer_config(scriptable=True):
             model = timm.create_model(name).eval()
         randomize_model(model)

@@ -2,7 +2,7 @@
 
 The sdist is fetched from PyPI with pip (cached under ~/.cache/timm-nlp) unless TIMM_TESTS_DIR points at a
 directory holding test_models.py. The subset covers every backbone and every pooling family, the dynamic-conv
-and pre-pool variants, registered seed strings and the generic entrypoints.
+and pre-pool variants, and the paper's examples.
 """
 import os
 import re
@@ -18,9 +18,11 @@ import timm_nlp  # noqa: F401  registers the models
 
 SUITE_MODELS = [
     'resnet18_nlp_headfix2_2222', 'resnet18_gaussian_pool_4222', 'resnet50_lip_2222', 'resnet50_mixp_4222',
-    'resnetv2_18_dfmnlp_4222', 'resnetv2_18_maxp_2222', 'resnetv2_50_avgp_4222',
-    'resnetv2_50_nlp_headfix2_nowin_reduced_1222', 'mobilenetv2_dfmixp_2222121', 'MOBILENET-SKIP-1222121',
-    'dyresnet18-dfmnlp_reduced-1222', 'dymobilenetv2_lip_2222121', 'prepool-lip-8-resnet18-skip-1222',
+    'resnet18b1_dfmnlp_4222', 'resnet18b1_maxp_2222', 'resnet50b1_avgp_4222',
+    'resnet50b1_nlp_headfix2_nowin_reduced_1222',
+    'mobilenetv2_dfmixp_2222121', 'mobilenetv2b0_skip_1222121', 'mobilenetv2b0_nlp_reduced_2222121',
+    'dyresnet18_dfmnlp_reduced_1222', 'dymobilenetv2_lip_2222121', 'prepool_lip_8_resnet18_skip_1222',
+    'prepool_nlp_headfix2_4_resnet18_nlp_headfix2_1222',
 ]
 HERE = Path(__file__).parent
 

@@ -566,7 +566,8 @@ def test_train_reports_best_and_last_epoch_top1_and_anneals_only_when_asked(tmp_
     result = dict(line.split(': ', 1) for line in proc.stdout.splitlines() if ': ' in line)
     best = max(range(2), key=lambda i: float(rows[i]['eval_top1']))
     assert float(result['best_top1']) == pytest.approx(float(rows[best]['eval_top1']))
-    assert int(result['best_epoch']) == best and float(result['last_top1']) == pytest.approx(float(rows[-1]['eval_top1']))
+    assert int(result['best_epoch']) == best
+    assert float(result['last_top1']) == pytest.approx(float(rows[-1]['eval_top1']))
     from timm_nlp.checkpoint import read_metadata
     ckpt = load_training_checkpoint(str(out / 'last.safetensors'))
     temps = {v.item() for k, v in ckpt['state_dict'].items() if k.endswith('temperature')}

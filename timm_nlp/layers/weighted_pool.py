@@ -3,7 +3,7 @@
 An importance map ``w > 0`` weights every activation before an ``s x s`` average pool:
 ``y = avgpool(x * w) / avgpool(w)`` (window normalisation) or ``y = avgpool(x * w)`` (``nowin``).
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Final, Optional
 
 import torch
 from torch import nn
@@ -60,6 +60,8 @@ class WeightedPool2d(nn.Module):
         ceil_mode: Ceil-mode windows (the in-block placement); the paper's placements use floor mode.
         conv_layer: The convolution of the non-local branch and of the local branch (mixp).
     """
+    patch_size: Final[int]
+    patches_of_windows: Final[bool]
 
     def __init__(
             self,
@@ -84,16 +86,17 @@ class WeightedPool2d(nn.Module):
         self.local = LocalImportance(channels, local_kernel, conv_layer, **dd) if local_kernel is not None else None
         self.nlp = SelfAttentiveImportance(channels, conv_layer=conv_layer, **non_local, **dd) \
             if non_local is not None else None
+        # constants of the module (TorchScript prunes the branches they disable)
+        self.patch_size = self.nlp.patch_size if self.nlp is not None else 1
+        self.patches_of_windows = self.local is None and self.nlp is not None and not self.nlp.deformable and \
+            self.patch_size > 1 and self.patch_size % stride == 0
 
     def window_constant(self, x: torch.Tensor) -> bool:
         """Whether the importance is constant inside every window: a non-local-only, regular-embedding pool whose
         patches tile the map and are a multiple of the stride. Then ``avgpool(x * w) = avgpool(x) * w`` at the
         windows, and window normalisation cancels the weights (such a pool is an average pool)."""
-        nlp = self.nlp
-        if self.local is not None or nlp is None or nlp.deformable:
-            return False
-        p = nlp.patch_size
-        return p > 1 and p % self.stride == 0 and x.shape[-2] % p == 0 and x.shape[-1] % p == 0
+        p = self.patch_size
+        return self.patches_of_windows and x.shape[-2] % p == 0 and x.shape[-1] % p == 0
 
     def importance(self, x: torch.Tensor) -> torch.Tensor:
         """The importance map of ``x``, same shape."""
@@ -111,7 +114,7 @@ class WeightedPool2d(nn.Module):
             raise ValueError(
                 'WeightedPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
         s = self.stride
-        if self.window_constant(x) and self.nlp is not None:
+        if self.patches_of_windows and self.window_constant(x):
             pooled = window_avg_pool2d(x, s, self.ceil_mode)
             if self.win_norm and not self.training:
                 return pooled  # the weights cancel (training still runs them, for the BN statistics)

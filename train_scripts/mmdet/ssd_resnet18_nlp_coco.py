@@ -1,7 +1,8 @@
 # MMDetection 3.x: SSD300 on a pooled ResNet-18 (the paper's config form for the backbone).
 #   python tools/train.py train_scripts/mmdet/ssd_resnet18_nlp_coco.py     (in an mmdet checkout)
-# mmdet's ssd300 levels: the backbone's stride-8 and stride-16 maps (38x38, 19x19 at 300 px, levels 2 and 3 of
-# the 1222 backbone), then SSDNeck's extra levels 10x10, 5x5 (stride-2 convs), 3x3, 1x1 (unpadded 3x3 convs).
+# mmdet's ssd300 levels: the backbone's stride-8 and stride-16 maps (37x37, 18x18 at 300 px, levels 2 and 3 of
+# the 1222 backbone: its pooling layers round down), then SSDNeck's extra levels 9x9, 5x5 (stride-2 convs), 3x3,
+# 1x1 (unpadded 3x3 convs).
 _base_ = [
     'mmdet::_base_/datasets/coco_detection.py',
     'mmdet::_base_/schedules/schedule_2x.py',
