@@ -7,25 +7,72 @@ touches, including kernel workspaces and the tensors it returns, and excludes th
 Saved for backward: the bytes of the distinct storages autograd keeps for the backward of a forward pass, the
 training-time activation memory, counted exactly (independent of the allocator and of the machine's state).
 """
+import contextlib
 import ctypes
 import gc
+import io
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+from torch import nn
+from torch.nn import functional as F
 
 _LIBC = ctypes.CDLL('libc.so.6')
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def import_tests_reference():
-    """Import the plain formulations of tests/reference.py (shared with the tests, not part of the package)."""
-    sys.path.insert(0, os.path.join(REPO, 'tests'))
-    import reference
-    return reference
+class PaperFormulationPool(nn.Module):
+    """A non-local pooling layer computed as the paper's code computes it, with the weights of ``pool`` (a
+    timm-nlp WeightedPool2d with a regular patch embedding): the embedding, ``nn.MultiheadAttention`` called on
+    (tokens, tokens, tokens) as the paper calls it (its default fast path in eval, the attention weights returned),
+    the map up-sampled to full resolution before the restore conv, BN and sigmoid, ``nn.AvgPool2d`` windows."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        nl = pool.nlp
+        assert not nl.deformable and pool.local is None, 'the paper formulation here covers nlp pools'
+        self.pool, self.nl = pool, nl
+        self.mha = nn.MultiheadAttention(nl.embed_dim, nl.attn.num_heads, batch_first=True)
+        self.mha.in_proj_weight = nl.attn.qkv.weight
+        self.mha.in_proj_bias = nl.attn.qkv.bias
+        self.mha.out_proj.weight, self.mha.out_proj.bias = nl.attn.proj.weight, nl.attn.proj.bias
+        self.avg = nn.AvgPool2d(pool.stride, pool.stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nl = self.nl
+        b, c, h, w = x.shape
+        p = nl.patch_size
+        t = nl.act(nl.norm(nl.patch_embed(x)))
+        th, tw = t.shape[-2:]
+        x_emb = nl.pos_embed.col_embed(torch.arange(tw, device=x.device))
+        y_emb = nl.pos_embed.row_embed(torch.arange(th, device=x.device))
+        pos = torch.cat([x_emb.unsqueeze(0).repeat(th, 1, 1), y_emb.unsqueeze(1).repeat(1, tw, 1)],
+                        dim=-1).permute(2, 0, 1).unsqueeze(0).repeat(b, 1, 1, 1)
+        embed = t.flatten(2).transpose(1, 2) + pos.flatten(2).transpose(1, 2)
+        attn_seq, _ = self.mha(embed, embed, embed)
+        attn = attn_seq.transpose(1, 2).reshape(b, -1, h // p, w // p)
+        weight = torch.exp(torch.sigmoid(nl.restore_norm(nl.restore(F.interpolate(attn, size=(h, w))))))
+        if self.pool.win_norm:
+            return self.avg(x * weight) / self.avg(weight)
+        return self.avg(x * weight)
+
+
+def paper_code_model(arch: str, num_classes: int = 1000) -> Optional[nn.Module]:
+    """The paper code's own model of ``arch`` where PAPER_CODE_DIR names a checkout of it, else None."""
+    root = os.environ.get('PAPER_CODE_DIR')
+    if not root:
+        return None
+    base = os.path.join(root, 'base')
+    if base not in sys.path:
+        sys.path.insert(0, base)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        from models.network import Network, name_parse
+        return Network(name_parse(arch.lower()), num_classes=num_classes)
 
 
 def _proc_status(key: str) -> int:
