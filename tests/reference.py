@@ -1,6 +1,6 @@
 """Plain, obviously-correct formulations used as references by the tests and the benchmarks.
 
-Written from the formula (DESIGN §1) with ``nn.MultiheadAttention`` (the N x N attention materialised, as in the
+Written from the formula (docs/pooling.md) with ``nn.MultiheadAttention`` (the N x N attention materialised, as in the
 paper's code), the importance map restored at full resolution (``F.interpolate``, then the restore conv and BN as
 modules, so BN's statistics are those of the full map), explicit bilinear sampling and explicit window sums. The
 reference shares the parameter objects of the module under test, so both see the same weights and their gradients

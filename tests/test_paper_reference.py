@@ -53,7 +53,7 @@ OUTPUT_CASES = [
     'prepool-skip-2-mobilenet_v2-lip-1222121', 'prepool-nlp_headfix2_nowin-2-dymobilenet-skip-1222121',
 ]
 
-# Layouts only: the deformable methods (the paper's sampler has the bugs of DESIGN section 7; its 'mixp' is our
+# Layouts only: the deformable methods (the paper's sampler has the bugs listed in docs/fidelity.md; its 'mixp' is our
 # 'dfmixp') and ResNet's prepool-skip-S (the paper's ResNet ignores S, so only the layouts agree).
 LAYOUT_CASES = [
     'resnet18-dfmnlp-2222', 'resnet18_v2-dfmixp-2222', 'resnet50-mixp-2222', 'dyresnet50_v2-dfmnlp_reduced-2222',
@@ -225,7 +225,7 @@ def test_mixp_layout(arch: str, paper_network) -> None:
 
 @needs_paper
 def test_prepool_skip_stride_resnet(paper_network) -> None:
-    """The paper's ResNet ignores S in prepool-skip-S (DESIGN section 7); the reference's stem conv has stride S."""
+    """The paper's ResNet ignores S in prepool-skip-S (docs/fidelity.md); the reference's stem conv has stride S."""
     arch = 'prepool-skip-4-resnet18-skip-1222'
     paper, ref = paper_network(arch), pr.build_reference(arch)
     assert paper.net.conv1.stride == (1, 1) and paper.net.pool is None

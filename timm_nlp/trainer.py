@@ -184,7 +184,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-# DESIGN's reading of the paper's ann.py (STL-10): plain SGD, no weight decay, label smoothing, dropout, colour
+# The paper's ann.py (STL-10): plain SGD, no weight decay, label smoothing, dropout, colour
 # jitter or warm-up; Resize + RandomResizedCrop and flips for training, resize and center crop of the whole image
 # for testing; mean = std = 0.5; lr / 5 at 60, 80 and 90% of the epochs
 PAPER_RECIPE: Dict[str, Any] = dict(
