@@ -64,8 +64,8 @@ def test_compare_prints_the_table(tmp_path):
             for r in proc.stdout.splitlines() if r.startswith('| resnet18')}
     assert set(rows) == {'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222'}
     stock, pooled = rows['resnet18_skip_1222'], rows['resnet18_nlp_headfix2_nowin_reduced_2222']
-    # columns: best-epoch top-1, last-epoch top-1, params, peak memory, stage-1 map, train img/s, eval img/s, weights
-    assert float(stock[4]) == 4 * float(pooled[4])  # the first stage down-sampled by 2: a 4x smaller map
+    # columns: best-epoch top-1, last-epoch top-1, params, GMACs, peak memory, stage-1 map, train img/s, weights
+    assert float(stock[5]) == 4 * float(pooled[5])  # the first stage down-sampled by 2: a 4x smaller map
     assert float(stock[2]) < float(pooled[2])
     assert all(Path(r[7]).is_file() for r in rows.values())
 
@@ -294,12 +294,12 @@ def test_compare_trains_an_architecture_string(ema_run):
     data, out, stdout = ema_run
     (row,) = _table(stdout)
     assert row[0] == 'resnet18-lip-1211' and Path(row[8]).is_file()
-    assert float(row[4]) == 32  # profiled at 16x16: the stem norm's 64 x 8 x 8 float32 input and output
+    assert float(row[5]) == 32  # profiled at 16x16: the stem norm's 64 x 8 x 8 float32 input and output
     # with EMA, both top-1 columns are the EMA's, as are the weights (the model's own top-1 differs, EMA_RUN)
     (last,) = _summary(out / 'resnet18-lip-1211')
     assert float(row[1]) == pytest.approx(float(last['eval_ema_top1']), abs=5e-3) == float(row[2])
     assert float(row[1]) != pytest.approx(float(last['eval_top1']), abs=5e-3)
-    assert '1 models, 1 epochs each, 16x16 input, top-1 of the EMA weights' in stdout
+    assert '1 models, 1 epochs, seed 0, 16x16 input, test top-1, top-1 of the EMA weights' in stdout
 
 
 @pytest.mark.slow

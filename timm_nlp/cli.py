@@ -4,8 +4,9 @@ import argparse
 import copy
 import logging
 import os
+import statistics
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['main', 'COMPARE_MODELS']
 
@@ -16,54 +17,85 @@ COMPARE_MODELS = (
 )
 
 
-def _compare(args: argparse.Namespace) -> List[dict]:
+def _mean_std(values: Sequence[float]) -> str:
+    """``mean ± std`` (the sample standard deviation) of several seeds' values, the value itself for one seed."""
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
+
+
+def within_spread(runs: Dict[str, List[float]]) -> List[Tuple[str, str]]:
+    """The pairs of models whose mean values differ by no more than the sum of their seeds' standard deviations."""
+    stats = {m: (statistics.mean(v), statistics.stdev(v)) for m, v in runs.items() if len(v) > 1}
+    names = list(stats)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if abs(stats[a][0] - stats[b][0]) <= stats[a][1] + stats[b][1]]
+
+
+def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
+    """Train every model with ``args.seeds`` seeds (seed, seed + 1, ...) and print one table of the results."""
     import torch
     from .models import create_model
-    from .profiler import activation_profile
+    from .profiler import activation_profile, count_macs
+    from .tools.tables import markdown_table
     from .trainer import parse_models, train
-    results = []
+    results: Dict[str, List[dict]] = {}
     for name in parse_models(args.models):
-        run = copy.copy(args)
-        run.model, run.output = name, os.path.join(args.output, name)
-        result = train(run)
-        if result.get('output') is None:  # a non-zero rank under torchrun
-            continue
-        size = (3, args.img_size, args.img_size)
-        result['peak_kib'] = activation_profile(create_model(name, device='meta'), size).peak_bytes / 1024
-        stage1 = create_model(name, features_only=True, out_indices=(1,), device='meta').eval()
-        result['stage1_kib'] = stage1(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
-        results.append(result)
-    if results:
-        # top-1 and best top-1 are of the weights that rank the checkpoints and are exported: the EMA's with EMA
-        ema = [r['model'] for r in results if r['eval_metric'] == 'ema_top1']
-        note = ', top-1 of the EMA weights' if ema else ''
-        if ema and len(ema) < len(results):
-            note += f" ({', '.join(ema)})"
-        print(f'\n{len(results)} models, {args.epochs} epochs each, {args.img_size}x{args.img_size} input{note}\n')
-        header = ['model', 'best-epoch top-1 (%)', 'last-epoch top-1 (%)', 'params (M)', 'peak act. mem (KiB)',
-                  'stage-1 map (KiB)', 'train img/s', 'eval img/s', 'weights']
-        rows = [[r['model'], f"{r['best_top1']:.2f}", f"{r['last_top1']:.2f}", f"{r['params'] / 1e6:.2f}",
-                 f"{r['peak_kib']:.0f}", f"{r['stage1_kib']:.0f}", f"{r['train_img_s']:.0f}",
-                 f"{r['eval_img_s']:.0f}", r['weights']] for r in results]
-        print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
-        print('\n'.join('| ' + ' | '.join(r) + ' |' for r in rows))
+        for k in range(args.seeds):
+            run = copy.copy(args)
+            run.model, run.seed = name, args.seed + k
+            run.output = os.path.join(args.output, name) if args.seeds == 1 else \
+                os.path.join(args.output, name, f'seed{run.seed}')
+            result = train(run)
+            if result.get('output') is None:  # a non-zero rank under torchrun
+                continue
+            results.setdefault(name, []).append(result)
+    if not results:
+        return results
+    size = (args.in_chans, args.img_size, args.img_size)
+    rows, best = [], {}
+    for name, runs in results.items():
+        model = create_model(name, device='meta', in_chans=args.in_chans)
+        stage1 = create_model(name, features_only=True, out_indices=(1,), device='meta', in_chans=args.in_chans)
+        stage1_kib = stage1.eval()(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
+        best[name] = [r['best_top1'] for r in runs]
+        rows.append([name, _mean_std(best[name]), _mean_std([r['last_top1'] for r in runs]),
+                     f"{runs[0]['params'] / 1e6:.2f}", f'{count_macs(model, size) / 1e9:.3f}',
+                     f'{activation_profile(model, size).peak_bytes / 1024:.0f}', f'{stage1_kib:.0f}',
+                     f"{statistics.mean(r['train_img_s'] for r in runs):.0f}", runs[0]['weights']])
+    # the top-1 columns are of the weights that rank the checkpoints and are exported: the EMA's with EMA
+    ema = [name for name, runs in results.items() if runs[0]['eval_metric'] == 'ema_top1']
+    note = ', top-1 of the EMA weights' if ema else ''
+    if ema and len(ema) < len(results):
+        note += f" ({', '.join(ema)})"
+    seeds = f'{args.seeds} seeds each ({args.seed}..{args.seed + args.seeds - 1}), mean ± std' if args.seeds > 1 \
+        else f'seed {args.seed}'
+    print(f'\n{len(results)} models, {args.epochs} epochs, {seeds}, {args.img_size}x{args.img_size} input, '
+          f'test top-1{note}\n')
+    print(markdown_table(['model', 'best-epoch top-1 (%)', 'last-epoch top-1 (%)', 'params (M)', 'GMACs',
+                          'peak act. mem (KiB)', 'stage-1 map (KiB)', 'train img/s', 'weights'], rows))
+    if args.seeds > 1:
+        pairs = within_spread(best)
+        print('\nBest-epoch top-1 differences within the seeds\' spread (|mean difference| <= the sum of the two '
+              'standard deviations): ' + ('; '.join(f'{a} ~ {b}' for a, b in pairs) if pairs else 'none') + '.')
     return results
 
 
 def _profile(args: argparse.Namespace) -> None:
     import torch
     from .profiler import compare_table, plot_memory, profile_model
+    from .tools.tables import markdown_table
     dtype = getattr(torch, args.dtype)
     profiles = [profile_model(name, args.img_size, dtype) for name in args.models]
     for p in profiles if not args.compare else []:
         print(f'\n{p.name}: {p.params / 1e6:.2f} M params, {p.macs / 1e9:.3f} GMACs, peak activation memory '
               f'{p.memory.peak_bytes / 1024:.1f} KiB at {p.memory.peak_layer.name}, largest map '
               f'{p.memory.largest_map_bytes / 1024:.1f} KiB ({args.img_size}x{args.img_size}, batch 1, {args.dtype})')
-        print('| step | layer | output | in KiB | out KiB | operand KiB | held KiB | live KiB |\n|' + '---|' * 8)
-        for i, layer in enumerate(p.memory.layers):
-            kib = (layer.in_bytes, layer.out_bytes, layer.operand_bytes, layer.held_bytes, layer.live_bytes)
-            print(f'| {i} | {layer.name} ({layer.kind}) | {"x".join(map(str, layer.out_shape))} | '
-                  + ' | '.join(f'{b / 1024:.1f}' for b in kib) + ' |')
+        rows = [[i, f'{layer.name} ({layer.kind})', 'x'.join(map(str, layer.out_shape))] + [
+            f'{b / 1024:.1f}' for b in (layer.in_bytes, layer.out_bytes, layer.operand_bytes, layer.held_bytes,
+                                        layer.live_bytes)] for i, layer in enumerate(p.memory.layers)]
+        print(markdown_table(['step', 'layer', 'output', 'in KiB', 'out KiB', 'operand KiB', 'held KiB', 'live KiB'],
+                             rows))
     if args.compare:
         names = {p.name for p in profiles}
         bases = {p.name: p for p in profiles}
@@ -71,9 +103,8 @@ def _profile(args: argparse.Namespace) -> None:
         header = ['model', 'params (M)', 'GMACs', 'MACs vs stock', 'peak act. (KiB)', 'reduction vs stock',
                   'peak in stages (KiB)', 'reduction vs stock', 'largest map (KiB)', 'peak at']
         print(f'\n{args.img_size}x{args.img_size}, batch 1, {args.dtype}, layer-by-layer execution\n')
-        print('| ' + ' | '.join(header) + ' |\n|' + '---|' * len(header))
         listed = profiles + [bases[b] for b in sorted(set(bases) - names)]
-        print('\n'.join('| ' + ' | '.join(r) + ' |' for r in compare_table(listed, bases)))
+        print(markdown_table(header, compare_table(listed, bases)))
     if args.plot:
         plot_memory(profiles, args.plot)
         print(f'plot written to {args.plot}')
@@ -111,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
     p = add_train_args(sub.add_parser('compare', help='train several pooling variants and print a table'))
     p.add_argument('--models', nargs='+', default=list(COMPARE_MODELS))
+    p.add_argument('--seeds', type=positive_int, default=1, help='train every model with this many seeds')
     # sized to finish in under 5 minutes on 2 CPU cores with the digits default
     p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.02, img_size=28)
     p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')

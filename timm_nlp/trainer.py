@@ -2,7 +2,7 @@
 
 timm.data (datasets, transforms, loaders), timm.optim, timm.scheduler, timm.task (ClassificationTask,
 ClassificationEvaluator, EMA) and timm.utils (CheckpointSaver) do the work; this module wires them, adds
-the default dataset (scikit-learn's handwritten digits, shipped inside scikit-learn), safetensors
+the data sets (timm_nlp.data: Fashion-MNIST, scikit-learn's digits, image folders), safetensors
 checkpoints, automatic resume and DistributedDataParallel under torchrun (gloo on CPU).
 """
 import argparse
@@ -15,108 +15,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 import timm
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import create_loader, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.task import ClassificationEvaluator, ClassificationTask, evaluation_sample_limit
 from timm.utils import random_seed, update_summary
 
 from .checkpoint import SafetensorsCheckpointSaver, load_training_checkpoint, load_weights, read_metadata, save_weights
+from .data import DigitsDataset, FashionMNIST, resolve_datasets
 from .grammar import ArchSpec
 from .layers import DynamicConv2d, set_dynamic_temperature
 from .models import adapt_input_channels, checkpoint_filter_fn, create_model, load_stock_source
 
-__all__ = [
-    'add_train_args', 'train', 'DigitsDataset', 'resolve_datasets', 'process_device', 'positive_int',
-    'close_distributed',
-]
+__all__ = ['add_train_args', 'apply_recipe', 'train', 'process_device', 'positive_int', 'close_distributed']
 
 _logger = logging.getLogger('timm_nlp.train')
-IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
-
-
-class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) as RGB PIL images.
-
-    A fixed stratified 80/20 split (seed 0) gives ``train`` and ``validation``; the transform up-samples.
-    """
-
-    def __init__(self, split: str = 'train', transform=None):
-        try:
-            from sklearn.datasets import load_digits
-            from sklearn.model_selection import train_test_split
-        except ImportError as e:
-            raise ImportError('The default digits dataset needs scikit-learn: pip install "timm-nlp[train]"') from e
-        import numpy as np
-        digits = load_digits()
-        idx = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(idx, test_size=0.2, random_state=0, stratify=digits.target)
-        keep = train_idx if split == 'train' else val_idx
-        self.images = (digits.images[keep] * (255. / 16.)).clip(0, 255).astype(np.uint8)
-        self.targets = digits.target[keep].tolist()
-        self.classes = [str(c) for c in range(10)]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-        img = Image.fromarray(self.images[i], mode='L').convert('RGB')
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[i]
-
-
-def _check_image_folder(root: str, split: str) -> str:
-    """The split's folder; clear errors for a missing folder, no class folders or an empty class folder."""
-    candidates = [split] + (['validation', 'val', 'valid', 'test'] if split != 'train' else [])
-    path = next((os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))), None)
-    if path is None:
-        raise FileNotFoundError(f"No '{split}' folder in data dir '{root}' (looked for {', '.join(candidates)}); "
-                                'expected DIR/train/CLASS/*.png and DIR/val (or validation, test)/CLASS/*.png.')
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    if not classes:
-        raise ValueError(f"'{path}' has no class folders; expected {path}/CLASS/image files.")
-    for c in classes:
-        cdir = os.path.join(path, c)
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for _, _, fs in os.walk(cdir) for f in fs):
-            raise ValueError(f"Class folder '{cdir}' contains no images ({', '.join(IMG_EXTENSIONS)}).")
-    return path
-
-
-def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
-    """Train and eval datasets and the class count: image folder, timm/torchvision dataset, or digits."""
-    if args.dataset:  # a timm dataset name, e.g. torch/cifar100, hfds/..., with --data-dir as its root
-        kw = dict(root=args.data_dir, download=args.dataset_download)
-        train_ds = create_dataset(args.dataset, split='train', is_training=True, **kw)
-        eval_ds = create_dataset(args.dataset, split=args.val_split, **kw)
-    elif args.data_dir:
-        if not os.path.isdir(args.data_dir):
-            raise FileNotFoundError(f"Data dir '{args.data_dir}' does not exist.")
-        train_root = _check_image_folder(args.data_dir, 'train')
-        eval_root = _check_image_folder(args.data_dir, args.val_split)
-        train_ds = create_dataset('', root=train_root, is_training=True)
-        class_to_idx = train_ds.reader.class_to_idx
-        extra = sorted(set(create_dataset('', root=eval_root).reader.class_to_idx) - set(class_to_idx))
-        if extra:
-            raise ValueError(f"'{eval_root}' has classes that '{train_root}' lacks: {', '.join(extra)}; the model "
-                             'could not predict them (train and eval splits need the same class folders).')
-        eval_ds = create_dataset('', root=eval_root, class_map=class_to_idx)
-    else:
-        train_ds, eval_ds = DigitsDataset('train'), DigitsDataset('validation')
-    if hasattr(train_ds, 'reader') and hasattr(train_ds.reader, 'class_to_idx'):
-        num_classes = len(train_ds.reader.class_to_idx)
-    elif hasattr(train_ds, 'classes'):
-        num_classes = len(train_ds.classes)
-    elif hasattr(getattr(train_ds, 'reader', None), 'classes'):
-        num_classes = len(train_ds.reader.classes)
-    else:
-        raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes.')
-    return train_ds, eval_ds, args.num_classes or num_classes
 
 
 def positive_int(value: str) -> int:
@@ -135,7 +51,15 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="'paper': the paper's recipe (SGD 0.9, lr 1e-2 / 5 at 60/80/90%% of the epochs, weight "
                              'decay 0, batch 8, mean = std = 0.5, bilinear) for every option left at its default')
     parser.add_argument('--data-dir', default='', help='image folder with train/ and val/ (or test/)')
-    parser.add_argument('--dataset', default='', help='timm dataset name, e.g. torch/cifar100 (root: --data-dir)')
+    parser.add_argument('--dataset', default='',
+                        help="'fashion-mnist' (its IDX files in --data-dir, by default Debian's dataset-fashion-mnist "
+                             "folder; evaluated on its test set), or a timm dataset name, e.g. torch/cifar100 (root: "
+                             '--data-dir)')
+    parser.add_argument('--in-chans', type=int, default=3, choices=[1, 3],
+                        help='image channels: grey data sets (digits, Fashion-MNIST) are replicated to RGB with 3 '
+                             '(the default: stock weights and the paper\'s 3-channel stems), grey with 1')
+    parser.add_argument('--train-subset', type=positive_int, default=None,
+                        help='train on a fixed, class-balanced subset of this many training images')
     parser.add_argument('--dataset-download', action='store_true', help='let a torch/ dataset download itself')
     parser.add_argument('--val-split', default='validation')
     parser.add_argument('--num-classes', type=int, default=None)
@@ -259,7 +183,7 @@ def _dy_temperature(epoch: int, anneal_epochs: int, start: float) -> float:
 
 def _build_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     try:
-        model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop)
+        model = create_model(args.model, num_classes=num_classes, drop_rate=args.drop, in_chans=args.in_chans)
     except (RuntimeError, ValueError) as e:
         if timm.is_model(args.model):
             raise
@@ -320,14 +244,19 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError(f'--batch-size {args.batch_size} is larger than the {images}: the incomplete last batch is '
                          f'dropped, so nothing would be trained; use --batch-size {per_process} or less.')
     model = _build_model(args, num_classes).to(device)
-    data_cfg = resolve_data_config(dict(input_size=(3, args.img_size, args.img_size), mean=args.mean, std=args.std,
-                                        interpolation=args.interpolation), model=model)
+    data_cfg = resolve_data_config(dict(input_size=(args.in_chans, args.img_size, args.img_size), mean=args.mean,
+                                        std=args.std, interpolation=args.interpolation), model=model)
+    for key in ('mean', 'std'):  # one channel: the mean of the model's per-channel values
+        if len(data_cfg[key]) != args.in_chans:
+            data_cfg[key] = (sum(data_cfg[key]) / len(data_cfg[key]),) * args.in_chans
     loader_kw = dict(input_size=data_cfg['input_size'], mean=data_cfg['mean'], std=data_cfg['std'],
                      interpolation=data_cfg['interpolation'], num_workers=args.workers, distributed=distributed,
                      use_prefetcher=False, device=device, persistent_workers=False)  # workers seeded per epoch
-    digits = isinstance(train_ds, DigitsDataset)
+    base = train_ds.dataset if isinstance(train_ds, Subset) else train_ds
+    digits = isinstance(base, DigitsDataset)  # a flipped digit is another digit, or none
+    small = digits or isinstance(base, FashionMNIST)  # 8 or 28 px originals: crops of most of the image
     hflip = args.hflip if args.hflip is not None else (0. if digits else 0.5)
-    scale = tuple(args.scale) if args.scale is not None else ((0.6, 1.) if digits else (0.08, 1.))
+    scale = tuple(args.scale) if args.scale is not None else ((0.6, 1.) if small else (0.08, 1.))
     train_loader = create_loader(
         train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, hflip=hflip, scale=scale,
         color_jitter=0., **loader_kw)
@@ -436,6 +365,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _label_names(dataset: Dataset) -> Optional[List[str]]:
+    if isinstance(dataset, Subset):
+        dataset = dataset.dataset
     names = getattr(dataset, 'classes', None)
     if names is None and hasattr(getattr(dataset, 'reader', None), 'class_to_idx'):
         names = [c for c, _ in sorted(dataset.reader.class_to_idx.items(), key=lambda kv: kv[1])]
@@ -445,7 +376,8 @@ def _label_names(dataset: Dataset) -> Optional[List[str]]:
 def _recipe(args: argparse.Namespace, dataset: Dataset) -> Dict[str, Any]:
     """The training recipe recorded with the exported weights (and in the Hub model card)."""
     name = args.dataset or (os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else None)
-    return dict(dataset=name or 'sklearn-digits', recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+    return dict(dataset=name or 'sklearn-digits', train_subset=args.train_subset, in_chans=args.in_chans,
+                recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                 img_size=args.img_size, opt=args.opt, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, sched=args.sched, drop=args.drop, seed=args.seed,
                 stock_weights=args.stock_weights or None, model_ema=args.model_ema)

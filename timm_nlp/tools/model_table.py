@@ -3,12 +3,13 @@
     python -m timm_nlp.tools.model_table --out docs/models.md
 """
 import argparse
-from typing import List, Sequence
+from typing import List
 
 import timm_nlp
 from timm_nlp.grammar import BACKBONES, ArchSpec
 from timm_nlp.models import PAPER_EXAMPLES
 from timm_nlp.profiler import count_macs
+from timm_nlp.tools.tables import markdown_table
 
 SIZES = (224, 128)
 PLACEMENT_EXAMPLES = ('resnet18-nlp_headfix2-2222', 'resnet18-lip-4222', 'resnet50-nlp_headfix2-2222',
@@ -16,11 +17,6 @@ PLACEMENT_EXAMPLES = ('resnet18-nlp_headfix2-2222', 'resnet18-lip-4222', 'resnet
                       'mobilenet-gaussian_pool-4222121')
 _PLACES = {'end': "after the stage's last block", 'first': "on the stage's first block's output",
            'before': "before the stage's first block"}
-
-
-def _table(header: Sequence[str], rows: List[Sequence[str]]) -> str:
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    return '\n'.join(lines + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
 
 def _costs(model) -> List[str]:
@@ -65,21 +61,21 @@ def document() -> str:
         '`dy` variant, every convolution dynamic). A stage digit s > 1 with `skip` strides the stage\'s first '
         'block; with any other method the stage runs at stride 1 and a pooling layer sits where the paper\'s code '
         'puts it:',
-        _table(['seed backbone', 'timm prefix', 'built from', 'stock strides', "a stage's pool"], backbones),
+        markdown_table(['seed backbone', 'timm prefix', 'built from', 'stock strides', "a stage's pool"], backbones),
         '## The paper\'s examples and the stock models',
-        _table(['model', 'architecture (seed form)', *costs, 'feature reductions'], table_rows(examples)),
+        markdown_table(['model', 'architecture (seed form)', *costs, 'feature reductions'], table_rows(examples)),
         '## The in-block placement',
         "`placement='block'` (a model option: `timm.create_model(name, placement='block')`, or timm's "
         '`--model-kwargs placement=block`) puts each pool in the first block\'s `aa` slot, after its strided conv\'s '
         'norm-act, in ceil mode, the shortcut strided past it. '
         'Not a network of the paper. It is cheaper for the ResNets, whose other blocks then run down-sampled, and '
         "costlier for MobileNetV2, whose first block would pool its expanded (6x wider) map:",
-        _table(['architecture', *[f'paper: {c}' for c in costs], *[f'block: {c}' for c in costs]], placement_rows()),
+        markdown_table(['architecture', *[f'paper: {c}' for c in costs], *[f'block: {c}' for c in costs]], placement_rows()),
         '## Every registered model',
         'The grid of every backbone and its `dy` variant x 13 poolings x 3 stride patterns, the paper\'s examples '
         'outside it, and one generic entrypoint per backbone (`[dy]PREFIX_pooled`, configured by `pool=`, '
         '`strides=`, `prepool=`, `prepool_stride=`).',
-        _table(['model', 'architecture (seed form)', *costs, 'feature reductions'],
+        markdown_table(['model', 'architecture (seed form)', *costs, 'feature reductions'],
                table_rows(timm_nlp.list_pooled_models())),
     ]) + '\n'
 
