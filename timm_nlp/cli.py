@@ -6,7 +6,7 @@ import logging
 import os
 import statistics
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 __all__ = ['main', 'COMPARE_MODELS']
 
@@ -17,27 +17,12 @@ COMPARE_MODELS = (
 )
 
 
-def _mean_std(values: Sequence[float]) -> str:
-    """``mean ± std`` (the sample standard deviation) of several seeds' values, the value itself for one seed."""
-    if len(values) == 1:
-        return f'{values[0]:.2f}'
-    return f'{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}'
-
-
-def within_spread(runs: Dict[str, List[float]]) -> List[Tuple[str, str]]:
-    """The pairs of models whose mean values differ by no more than the sum of their seeds' standard deviations."""
-    stats = {m: (statistics.mean(v), statistics.stdev(v)) for m, v in runs.items() if len(v) > 1}
-    names = list(stats)
-    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
-            if abs(stats[a][0] - stats[b][0]) <= stats[a][1] + stats[b][1]]
-
-
 def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
     """Train every model with ``args.seeds`` seeds (seed, seed + 1, ...) and print one table of the results."""
     import torch
     from .models import create_model
     from .profiler import activation_profile, count_macs
-    from .tools.tables import markdown_table
+    from .tools.tables import markdown_table, mean_std, within_spread
     from .trainer import parse_models, train
     results: Dict[str, List[dict]] = {}
     for name in parse_models(args.models):
@@ -59,7 +44,7 @@ def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
         stage1 = create_model(name, features_only=True, out_indices=(1,), device='meta', in_chans=args.in_chans)
         stage1_kib = stage1.eval()(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
         best[name] = [r['best_top1'] for r in runs]
-        rows.append([name, _mean_std(best[name]), _mean_std([r['last_top1'] for r in runs]),
+        rows.append([name, mean_std(best[name]), mean_std([r['last_top1'] for r in runs]),
                      f"{runs[0]['params'] / 1e6:.2f}", f'{count_macs(model, size) / 1e9:.3f}',
                      f'{activation_profile(model, size).peak_bytes / 1024:.0f}', f'{stage1_kib:.0f}',
                      f"{statistics.mean(r['train_img_s'] for r in runs):.0f}", runs[0]['weights']])

@@ -8,7 +8,7 @@ import argparse
 import gzip
 import os
 import struct
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import Dataset, Subset
@@ -209,9 +209,18 @@ def _check_image_folder(root: str, split: str) -> str:
     return path
 
 
+def _subset(dataset: Dataset, n: Optional[int], option: str, split: str) -> Dataset:
+    if not n:
+        return dataset
+    targets = dataset_targets(dataset)
+    if n > len(targets):
+        raise ValueError(f'{option} {n} is larger than the {len(targets)} {split} images.')
+    return TransformSubset(dataset, balanced_subset(targets, n, seed=0))
+
+
 def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
     """Train and eval datasets and the class count: Fashion-MNIST, an image folder, a timm/torchvision dataset, or
-    the digits; ``args.train_subset`` keeps a fixed, class-balanced subset of the training set."""
+    the digits; ``args.train_subset`` and ``args.eval_subset`` keep fixed, class-balanced subsets of the splits."""
     in_chans = getattr(args, 'in_chans', 3)
     if args.dataset == 'fashion-mnist':
         root = args.data_dir or default_fashion_mnist_dir()
@@ -242,10 +251,6 @@ def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
         num_classes = len(train_ds.reader.classes)
     else:
         raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes.')
-    subset = getattr(args, 'train_subset', None)
-    if subset:
-        targets = dataset_targets(train_ds)
-        if subset > len(targets):
-            raise ValueError(f'--train-subset {subset} is larger than the {len(targets)} training images.')
-        train_ds = TransformSubset(train_ds, balanced_subset(targets, subset, seed=0))
+    train_ds = _subset(train_ds, getattr(args, 'train_subset', None), '--train-subset', 'training')
+    eval_ds = _subset(eval_ds, getattr(args, 'eval_subset', None), '--eval-subset', 'test')
     return train_ds, eval_ds, args.num_classes or num_classes

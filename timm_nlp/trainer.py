@@ -60,6 +60,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              '(the default: stock weights and the paper\'s 3-channel stems), grey with 1')
     parser.add_argument('--train-subset', type=positive_int, default=None,
                         help='train on a fixed, class-balanced subset of this many training images')
+    parser.add_argument('--eval-subset', type=positive_int, default=None,
+                        help='evaluate on a fixed, class-balanced subset of this many test images (quick runs)')
     parser.add_argument('--dataset-download', action='store_true', help='let a torch/ dataset download itself')
     parser.add_argument('--val-split', default='validation')
     parser.add_argument('--num-classes', type=int, default=None)
@@ -376,7 +378,7 @@ def _label_names(dataset: Dataset) -> Optional[List[str]]:
 def _recipe(args: argparse.Namespace, dataset: Dataset) -> Dict[str, Any]:
     """The training recipe recorded with the exported weights (and in the Hub model card)."""
     name = args.dataset or (os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else None)
-    return dict(dataset=name or 'sklearn-digits', train_subset=args.train_subset, in_chans=args.in_chans,
+    return dict(dataset=name or 'sklearn-digits', train_subset=args.train_subset, eval_subset=args.eval_subset, in_chans=args.in_chans,
                 recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                 img_size=args.img_size, opt=args.opt, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, sched=args.sched, drop=args.drop, seed=args.seed,
