@@ -576,3 +576,34 @@ def test_train_reports_best_and_last_epoch_top1_and_anneals_only_when_asked(tmp_
     ckpt = load_training_checkpoint(str(tmp_path / 'anneal' / 'last.safetensors'))
     # epoch 0 at 34, epoch 1 at 17.5, epoch 2 (the last) at 1: linear to 1 over 2 epochs
     assert {v.item() for k, v in ckpt['state_dict'].items() if k.endswith('temperature')} == {1.}
+
+
+@pytest.mark.slow
+def test_compare_with_seeds_reports_their_mean_and_spread(tmp_path):
+    import statistics
+    models = ['resnet18_skip_1222', 'resnet18_lip_2222']
+    proc = _cli('compare', '--models', *models, '--seeds', '2', '--seed', '5', '--epochs', '2', *FAST, '--output',
+                tmp_path / 'cmp')
+    assert '2 models, 2 epochs, 2 seeds each (5..6), mean ± std' in proc.stdout
+    table = {r[0]: r for r in _table(proc.stdout)}
+    assert set(table) == set(models)
+    best = {}
+    for name in models:
+        runs = [_summary(tmp_path / 'cmp' / name / f'seed{seed}') for seed in (5, 6)]
+        best[name] = [max(float(r['eval_top1']) for r in rows) for rows in runs]
+        last = [float(rows[-1]['eval_top1']) for rows in runs]
+        for col, values in ((1, best[name]), (2, last)):
+            mean, std = (float(v) for v in table[name][col].split(' ± '))
+            assert mean == pytest.approx(statistics.mean(values), abs=5e-3)
+            assert std == pytest.approx(statistics.stdev(values), abs=5e-3)
+    (a, b) = models
+    spread = abs(statistics.mean(best[a]) - statistics.mean(best[b])) <= statistics.stdev(best[a]) + \
+        statistics.stdev(best[b])
+    assert (f'{a} ~ {b}' in proc.stdout) == spread and ('spread' in proc.stdout)
+
+
+def test_within_spread():
+    from timm_nlp.tools.tables import mean_std, within_spread
+    runs = {'a': [80., 82.], 'b': [81., 81.], 'c': [90., 91.], 'd': [70.]}
+    assert within_spread(runs) == [('a', 'b')]  # |81 - 81| <= 1.41; c is 9.5 away; d has no spread
+    assert mean_std([80., 82.]) == '81.00 ± 1.41' and mean_std([70.]) == '70.00'
