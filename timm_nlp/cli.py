@@ -66,16 +66,30 @@ def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
     return results
 
 
+def _profile_json(p, args: argparse.Namespace) -> dict:
+    import dataclasses
+    return dict(name=p.name, img_size=args.img_size, dtype=args.dtype, accounting=args.accounting,
+                patches=args.patches, split=p.split, params=p.params, macs=p.macs, peak_bytes=p.memory.peak_bytes,
+                peak_layer=p.memory.peak_layer.name,
+                steps=[dict(dataclasses.asdict(layer), live_bytes=layer.live_bytes) for layer in p.memory.layers])
+
+
 def _profile(args: argparse.Namespace) -> None:
-    import torch
+    import json
     from .profiler import compare_table, plot_memory, profile_model
     from .tools.tables import markdown_table
-    dtype = getattr(torch, args.dtype)
-    profiles = [profile_model(name, args.img_size, dtype) for name in args.models]
+    kw = dict(dtype=args.dtype, accounting=args.accounting, patches=args.patches, split=args.split)
+    profiles = [profile_model(name, args.img_size, **kw) for name in args.models]
+    if args.json:
+        print(json.dumps([_profile_json(p, args) for p in profiles], indent=1))
+        return
+    execution = f'patch-based ({args.patches}x{args.patches} patches)' if args.patches else 'layer-by-layer'
     for p in profiles if not args.compare else []:
+        split = f', prefix up to {p.split} run patch by patch' if p.split else ''
         print(f'\n{p.name}: {p.params / 1e6:.2f} M params, {p.macs / 1e9:.3f} GMACs, peak activation memory '
               f'{p.memory.peak_bytes / 1024:.1f} KiB at {p.memory.peak_layer.name}, largest map '
-              f'{p.memory.largest_map_bytes / 1024:.1f} KiB ({args.img_size}x{args.img_size}, batch 1, {args.dtype})')
+              f'{p.memory.largest_map_bytes / 1024:.1f} KiB ({args.img_size}x{args.img_size}, batch 1, {args.dtype}, '
+              f'{args.accounting} accounting, {execution} execution{split})')
         rows = [[i, f'{layer.name} ({layer.kind})', 'x'.join(map(str, layer.out_shape))] + [
             f'{b / 1024:.1f}' for b in (layer.in_bytes, layer.out_bytes, layer.operand_bytes, layer.held_bytes,
                                         layer.live_bytes)] for i, layer in enumerate(p.memory.layers)]
@@ -83,12 +97,14 @@ def _profile(args: argparse.Namespace) -> None:
                              rows))
     if args.compare:
         names = {p.name for p in profiles}
-        bases = {p.name: p for p in profiles}
-        bases.update({b: profile_model(b, args.img_size, dtype) for b in {p.base for p in profiles} - names})
+        bases = {p.name: p for p in profiles} if not args.patches else {}
+        bases.update({b: profile_model(b, args.img_size, dtype=args.dtype, accounting=args.accounting)
+                      for b in {p.base for p in profiles} - set(bases)})
         header = ['model', 'params (M)', 'GMACs', 'MACs vs stock', 'peak act. (KiB)', 'reduction vs stock',
                   'peak in stages (KiB)', 'reduction vs stock', 'largest map (KiB)', 'peak at']
-        print(f'\n{args.img_size}x{args.img_size}, batch 1, {args.dtype}, layer-by-layer execution\n')
-        listed = profiles + [bases[b] for b in sorted(set(bases) - names)]
+        print(f'\n{args.img_size}x{args.img_size}, batch 1, {args.dtype}, {args.accounting} accounting, {execution} '
+              'execution' + (', against the stock models whole-map' if args.patches else '') + '\n')
+        listed = profiles + [bases[b] for b in sorted(set(bases) - names)] if not args.patches else profiles
         print(markdown_table(header, compare_table(listed, bases)))
     if args.plot:
         plot_memory(profiles, args.plot)
@@ -133,7 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')
     p.add_argument('models', nargs='+', help='registered model names (stock timm names too)')
     p.add_argument('--img-size', type=positive_int, default=224)
-    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16'])
+    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16', 'int8'],
+                   help='bytes per activation element: 4, 2, 2 or 1')
+    p.add_argument('--accounting', default='layers', choices=['layers', 'mcunet', 'inplace-dw'],
+                   help='layers: every leaf module a step; mcunet: MCUNet\'s rule (norms and activations folded into '
+                        'their conv, residual inputs held); inplace-dw: mcunet with in-place depthwise convs')
+    p.add_argument('--patches', type=positive_int, default=None,
+                   help='count patch-based execution of the high-resolution prefix on an N x N grid of patches')
+    p.add_argument('--split', default=None, help='the last unit of the patch-based prefix (default: the lowest peak)')
+    p.add_argument('--json', action='store_true', help='print each profile as JSON (peak_bytes, peak_layer, steps)')
     p.add_argument('--compare', action='store_true', help='one table, each model against its stock base model')
     p.add_argument('--plot', default='', help='draw the per-layer memory curves to this PNG (matplotlib)')
     p.set_defaults(func=_profile)

@@ -1,7 +1,8 @@
 """Model cost accounting: multiply-accumulates (attention included) and layer-by-layer activation memory."""
 import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ModelProfile', 'profile_model',
-    'compare_table', 'plot_memory',
+    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile',
 ]
 
 
@@ -48,16 +49,20 @@ class LayerMemory:
     out_bytes: int
     operand_bytes: int
     held_bytes: int
+    inplace: bool = False
 
     @property
     def live_bytes(self) -> int:
-        return self.in_bytes + self.out_bytes + self.operand_bytes + self.held_bytes
+        """Input and output (one buffer, the larger, for an in-place step), operand and held tensors."""
+        io = max(self.in_bytes, self.out_bytes) if self.inplace else self.in_bytes + self.out_bytes
+        return io + self.operand_bytes + self.held_bytes
 
 
 @dataclass
 class ActivationProfile:
-    """Activation memory of one forward pass under layer-by-layer execution."""
+    """Activation memory of one forward pass under layer-by-layer execution, counted by ``accounting``."""
     layers: List[LayerMemory]
+    accounting: str = 'layers'
 
     @property
     def peak_bytes(self) -> int:
@@ -80,11 +85,11 @@ def _tensors(x) -> List[torch.Tensor]:
     return []
 
 
-def _nbytes(x) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(x))
+def _nbytes(x, itemsize: int) -> int:
+    return sum(t.numel() for t in _tensors(x)) * itemsize
 
 
-def _held_bytes(held: List[Tuple[torch.Tensor, ...]], inputs, output) -> int:
+def _held_bytes(held: List[Tuple[torch.Tensor, ...]], inputs, output, itemsize: int) -> int:
     """Bytes of the held tensors, each storage once, less those the step takes or gives (counted as such)."""
     seen = {t.untyped_storage()._cdata for t in _tensors((inputs, output))}  # meta tensors have no data_ptr
     total = 0
@@ -92,11 +97,11 @@ def _held_bytes(held: List[Tuple[torch.Tensor, ...]], inputs, output) -> int:
         key = t.untyped_storage()._cdata
         if key not in seen:
             seen.add(key)
-            total += _nbytes(t)
+            total += _nbytes(t, itemsize)
     return total
 
 
-def _operand_bytes(module: nn.Module, inputs, output: torch.Tensor) -> int:
+def _operand_bytes(module: nn.Module, inputs, output: torch.Tensor, itemsize: int) -> int:
     """The map a compound step computes with besides its input: a weighted pooling's importance map (input-sized,
     or, where it is constant in every window, the token weights and their output-sized up-sampling; none for a
     window-normalised such pool in eval, an average pool), a deformable conv's offsets and mask; else 0."""
@@ -104,43 +109,92 @@ def _operand_bytes(module: nn.Module, inputs, output: torch.Tensor) -> int:
     if isinstance(module, DeformConv2d):
         B, _, H, W = output.shape
         k = module.kernel_size
-        return B * 3 * k * k * H * W * output.element_size()
+        return B * 3 * k * k * H * W * itemsize
     if not isinstance(module, WeightedPool2d):
         return 0
     x = inputs[0]
     if not module.window_constant(x):
-        return _nbytes(x)
+        return _nbytes(x, itemsize)
     if module.win_norm:
         return 0
     B, C, H, W = x.shape
     p = module.nlp.patch_size
-    return B * C * (H // p) * (W // p) * output.element_size() + _nbytes(output)
+    return (B * C * (H // p) * (W // p) + output.numel()) * itemsize
+
+
+ACCOUNTINGS = ('layers', 'mcunet', 'inplace-dw')
+DTYPES = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'int8': 1}
+
+
+def _itemsize(dtype: Union[torch.dtype, str]) -> int:
+    name = dtype if isinstance(dtype, str) else str(dtype).replace('torch.', '')
+    if name not in DTYPES:
+        raise ValueError(f"activation memory is counted for {', '.join(DTYPES)}, not '{name}'.")
+    return DTYPES[name]
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels == \
+        module.out_channels
+
+
+def _residual_blocks(model: nn.Module) -> Dict[nn.Module, Tuple[List[nn.Module], bool]]:
+    """timm's residual blocks: their main-path convs in order, and whether their shortcut is a projection."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+    from timm.models.resnet import BasicBlock, Bottleneck
+    blocks = {}
+    for m in model.modules():
+        if isinstance(m, (BasicBlock, Bottleneck)):
+            convs = [m.conv1, m.conv2] + ([m.conv3] if isinstance(m, Bottleneck) else [])
+            blocks[m] = (convs, m.downsample is not None)
+        elif isinstance(m, InvertedResidual) and m.has_skip:
+            blocks[m] = ([m.conv_pw, m.conv_dw, m.conv_pwl], False)
+        elif isinstance(m, DepthwiseSeparableConv) and m.has_skip:
+            blocks[m] = ([m.conv_dw, m.conv_pw], False)
+    return blocks
 
 
 def activation_profile(
         model: nn.Module,
         input_size: Tuple[int, int, int] = (3, 224, 224),
         batch_size: int = 1,
-        dtype: torch.dtype = torch.float32,
+        dtype: Union[torch.dtype, str] = torch.float32,
+        accounting: str = 'layers',
 ) -> ActivationProfile:
     """Per-step activation memory of an inference forward pass (meta device, nothing allocated).
 
-    A step is a leaf module (a conv, a norm, an activation, a linear layer...). Its live memory is its input
-    plus its output activation, the way microcontroller inference engines count layer-by-layer execution.
-    A compound layer is one step too, after its internal steps: a pooling layer (WeightedPool2d, GaussianPool2d),
-    whose live memory adds the importance map it weights with (input-sized, or the token weights and their
-    up-sampling to the windows where they are constant per window), and a conv with an internal branch, counted like nn.Conv2d: DynamicConv2d (its K
-    routing weights are negligible; its per-sample mixed kernel is weight-sized and not counted) and DeformConv2d
-    (plus the offset and mask maps it samples with). While a compound layer's internal steps run (its importance,
-    routing or offset branch), its input stays live, and so do the maps it computed before them (mixp's non-local
-    map during the local branch; the pooled map of a pool whose weights are constant per window): a step counts these
-    as held unless it takes or gives them (same storage), so a held tensor is never counted twice (an in-place
-    activation or an identity still counts its input and output apart). Tensors held across other steps
-    (residual shortcuts) are not counted: a step's live memory is its own input and output.
+    Accountings (``docs/memory.md``):
+
+    - ``layers``: a step is a leaf module (a conv, a norm, an activation, a linear layer...) and holds its input and
+      its output activation.
+    - ``mcunet``: the rule of MCUNet's ``count_peak_activation_size``: norms and activations are folded into their
+      conv, so a step is a conv or linear layer (input and output) or a pooling layer; a block with an identity
+      shortcut also holds its input during its middle convs (a MobileNetV2 block's depthwise conv), one with a
+      projection shortcut during every conv after its first (the projection still needs it).
+    - ``inplace-dw``: ``mcunet`` with depthwise convs computed in place, as TinyEngine does (one buffer, the larger
+      of input and output).
+
+    In every accounting, a compound layer is one step too, after its internal steps: a pooling layer
+    (WeightedPool2d, GaussianPool2d), whose live memory adds the importance map it weights with (input-sized, or
+    the token weights and their up-sampling to the windows where they are constant per window), and a conv with an
+    internal branch, counted like nn.Conv2d: DynamicConv2d (its K routing weights are negligible; its per-sample
+    mixed kernel is weight-sized and not counted) and DeformConv2d (plus the offset and mask maps it samples with).
+    While a compound layer's internal steps run (its importance, routing or offset branch), its input stays live,
+    and so do the maps it computed before them (mixp's non-local map during the local branch; the pooled map of a
+    pool whose weights are constant per window): a step counts these as held unless it takes or gives them (same
+    storage), so a held tensor is never counted twice. ``dtype`` may be ``int8`` (one byte per element): the
+    shapes are those of the float model.
     """
     from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
-    meta = copy.deepcopy(model).to(device='meta', dtype=dtype).eval()
+    if accounting not in ACCOUNTINGS:
+        raise ValueError(f"accounting '{accounting}' is not one of {', '.join(ACCOUNTINGS)}.")
+    itemsize = _itemsize(dtype)
+    meta = copy.deepcopy(model).to(device='meta', dtype=torch.float32).eval()
+    compound_types = (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)
+    folded = accounting != 'layers'
+    step_types = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     layers: List[LayerMemory] = []
+    modules: List[nn.Module] = []
     held: List[Tuple[torch.Tensor, ...]] = []
     depths: List[int] = []
     hooks = []
@@ -152,8 +206,10 @@ def activation_profile(
             if isinstance(module, DeformConv2d):
                 output = output[0]  # (embedding, offsets): the offsets are its operand
             layers.append(LayerMemory(
-                name, type(module).__name__, tuple(output.shape), _nbytes(inputs), _nbytes(output),
-                _operand_bytes(module, inputs, output), _held_bytes(held, inputs, output)))
+                name, type(module).__name__, tuple(output.shape), _nbytes(inputs, itemsize), _nbytes(output, itemsize),
+                _operand_bytes(module, inputs, output, itemsize), _held_bytes(held, inputs, output, itemsize),
+                inplace=accounting == 'inplace-dw' and _is_depthwise(module)))
+            modules.append(module)
         return hook
 
     def enter(module, inputs):
@@ -164,20 +220,102 @@ def activation_profile(
             s = module.stride
             held.append((inputs[0].new_empty(B, C, H // s, W // s),))  # the pooled map, computed first
 
+    def block_hooks(block: nn.Module, convs: List[nn.Module], projection: bool):
+        start = []
+
+        def pre(module, inputs):
+            start.append((len(layers), inputs[0]))
+
+        def post(module, inputs, output):
+            first, x = start.pop()
+            steps = [i for i in range(first, len(layers)) if any(modules[i] is c for c in convs)]
+            for i in steps[1:] if projection else steps[1:-1]:
+                layers[i].held_bytes += _nbytes(x, itemsize)
+        return [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+
     for name, module in meta.named_modules():
-        if isinstance(module, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
+        if isinstance(module, compound_types):
             hooks.append(module.register_forward_pre_hook(enter))
             hooks.append(module.register_forward_hook(step_hook(name, compound=True)))
             if isinstance(module, WeightedPool2d) and module.local is not None and module.nlp is not None:
                 # mixp: the non-local map, computed first, is kept while the local branch runs
                 hooks.append(module.nlp.register_forward_hook(lambda m, inputs, output: held.append((output,))))
-        elif not any(True for _ in module.children()) and name:
+        elif not any(True for _ in module.children()) and name and (not folded or isinstance(module, step_types)):
             hooks.append(module.register_forward_hook(step_hook(name)))
+    if folded:
+        for block, (convs, projection) in _residual_blocks(meta).items():
+            hooks += block_hooks(block, convs, projection)
     with torch.no_grad():
-        meta(torch.empty(batch_size, *input_size, device='meta', dtype=dtype))
+        meta(torch.empty(batch_size, *input_size, device='meta'))
     for h in hooks:
         h.remove()
-    return ActivationProfile(layers)
+    return ActivationProfile(layers, accounting)
+
+
+def patched_profile(
+        model: nn.Module,
+        input_size: Tuple[int, int, int] = (3, 224, 224),
+        patches: int = 4,
+        split: Optional[str] = None,
+        dtype: Union[torch.dtype, str] = torch.float32,
+        accounting: str = 'mcunet',
+) -> ActivationProfile:
+    """Activation memory of patch-based execution (``timm_nlp.patch_based``), counted as ``activation_profile``
+    counts a step.
+
+    The prefix's steps run on the largest patch (its input crop, rows and columns each the largest of the plan),
+    each also holding the prefix's output map being assembled, then the rest of the network runs on the assembled
+    map. A non-local pool of the prefix adds a first pass (the steps before it on the largest patch, holding the
+    token grid being assembled), then its attention on the whole token grid; every later step holds its token
+    weights, and its pooling step counts no attention of its own. The input image is read patch by patch (only the
+    crop is counted, as MCUNetV2 counts it)."""
+    from .patching import PatchBased, _shape_only, _Units
+    wrapped = PatchBased(model, patches, split)
+    plan = wrapped.plan(input_size)
+    h, w = plan.max_patch
+    itemsize = _itemsize(dtype)
+    with _shape_only(wrapped.prefix):
+        first = activation_profile(wrapped.prefix, (input_size[0], h, w), dtype=dtype, accounting=accounting)
+        with torch.no_grad():
+            out = _meta_prefix_output(wrapped.prefix, input_size)
+    steps, weights = [], 0
+    pool_names = [nl.name for nl in plan.non_local]
+    for nl in plan.non_local:
+        nlp = wrapped.prefix.get_submodule(nl.name).nlp
+        grid = (nl.in_size[0] // nl.patch_size, nl.in_size[1] // nl.patch_size)
+        tokens = nlp.embed_dim * grid[0] * grid[1] * itemsize
+        before = [layer for layer in first.layers if not layer.name.startswith(nl.name)]
+        before = before[:next((i for i, layer in enumerate(first.layers) if layer.name.startswith(nl.name)),
+                              len(first.layers))]
+        steps += [dataclasses.replace(layer, name=f'tokens:{layer.name}', held_bytes=layer.held_bytes + tokens + weights)
+                  for layer in before]
+        attention = activation_profile(_TokenWeights(nlp, nl.in_size), (nlp.embed_dim, *grid), dtype=dtype,
+                                       accounting=accounting)
+        steps += [dataclasses.replace(layer, name=f'attention:{nl.name}.{layer.name}',
+                                      held_bytes=layer.held_bytes + weights) for layer in attention.layers]
+        weights += nlp.channels * grid[0] * grid[1] * itemsize
+    assembled = out.numel() * itemsize
+    steps += [dataclasses.replace(layer, name=f'patch:{layer.name}', held_bytes=layer.held_bytes + assembled + weights)
+              for layer in first.layers if not any(layer.name.startswith(f'{n}.') for n in pool_names)]
+    rest = activation_profile(_Units(model, wrapped.rest.units, head=True), tuple(out.shape[1:]), dtype=dtype,
+                              accounting=accounting)
+    return ActivationProfile(steps + rest.layers, accounting)
+
+
+class _TokenWeights(nn.Module):
+    """A non-local importance's attention on a token grid: the second step of its two-pass patch-based execution."""
+
+    def __init__(self, nlp: nn.Module, size: Tuple[int, int]):
+        super().__init__()
+        self.nlp, self.size = nlp, size
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.nlp.weights_of_tokens(t, self.size)
+
+
+def _meta_prefix_output(prefix: nn.Module, input_size: Tuple[int, int, int]) -> torch.Tensor:
+    meta = copy.deepcopy(prefix).to('meta').eval()
+    return meta(torch.empty(1, *input_size, device='meta'))
 
 
 @dataclass
@@ -189,6 +327,7 @@ class ModelProfile:
     macs: int
     memory: ActivationProfile
     stage_prefixes: Tuple[str, ...] = ()
+    split: Optional[str] = None
 
     @property
     def stage_peak_bytes(self) -> int:
@@ -196,19 +335,27 @@ class ModelProfile:
         return max(layer.live_bytes for layer in self.memory.layers if layer.name.startswith(self.stage_prefixes))
 
 
-def profile_model(name: str, img_size: int = 224, dtype: torch.dtype = torch.float32) -> ModelProfile:
-    """Params, MACs and layer-by-layer activation memory of a model (any timm name or architecture string),
-    built on the meta device."""
+def profile_model(name: str, img_size: int = 224, dtype: Union[torch.dtype, str] = torch.float32,
+                  accounting: str = 'layers', patches: Optional[int] = None, split: Optional[str] = None
+                  ) -> ModelProfile:
+    """Params, MACs and activation memory of a model (any timm name or architecture string), built on the meta
+    device; with ``patches``, of patch-based execution (``patched_profile``; ``split`` by default the lowest peak)."""
     from timm_nlp.models import create_model
+    from timm_nlp.patching import _default_split
     model = create_model(name, device='meta')
     arch = getattr(model, 'arch', None)
     size = (3, img_size, img_size)
     stems = ('act1', 'stem', 'bn1', 'conv1', 'conv_stem')
     stages = tuple(sorted({f['module'].split('.')[0] + '.' if f['module'].startswith(('stages.', 'blocks.'))
                            else f['module'] for f in model.feature_info if not f['module'].startswith(stems)}))
+    if patches:
+        split = split or _default_split(model, patches, size)
+        memory = patched_profile(model, size, patches, split, dtype=dtype, accounting=accounting)
+    else:
+        memory = activation_profile(model, size, dtype=dtype, accounting=accounting)
     return ModelProfile(name, arch.base_name if arch is not None else name,
-                        sum(p.numel() for p in model.parameters()), count_macs(model, size),
-                        activation_profile(model, size, dtype=dtype), stages)
+                        sum(p.numel() for p in model.parameters()), count_macs(model, size), memory, stages,
+                        split if patches else None)
 
 
 def compare_table(profiles: List[ModelProfile], bases: dict) -> List[List[str]]:

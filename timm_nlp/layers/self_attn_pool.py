@@ -301,15 +301,18 @@ class SelfAttentiveImportance(nn.Module):
     def token_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The weights of every token ``(B, C, h, w)`` (the map is their nearest up-sampling to ``x``'s size, then,
         if deformable, re-sampled at the offsets, which are returned too)."""
-        B = x.shape[0]
-        size = (x.shape[-2], x.shape[-1])
         t, offset = self._embed(x)
-        h, w = t.shape[-2], t.shape[-1]
+        return self.weights_of_tokens(t, (x.shape[-2], x.shape[-1])), offset
+
+    def weights_of_tokens(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        """The token weights ``(B, C, h, w)`` of embedded tokens ``t`` ``(B, E, h, w)`` of a map of ``size``: position
+        embedding, attention over all tokens, restore, BN, ``exp(sigmoid(.))``."""
+        B, h, w = t.shape[0], t.shape[-2], t.shape[-1]
         t = t + self.pos_embed(h, w).to(t.dtype)
         t = self.attn(t.flatten(2).transpose(1, 2))
         t = t.transpose(1, 2).reshape(B, self.embed_dim, h, w)
         logit = self._restore_norm(self._restore(t, size), size)
-        return logit.sigmoid().exp(), offset
+        return logit.sigmoid().exp()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The importance weights of ``x``, same shape, in (1, e)."""
