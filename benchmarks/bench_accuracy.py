@@ -23,6 +23,7 @@ import logging
 import os
 import statistics
 import sys
+import time
 from typing import Dict, List, Tuple
 
 import torch
@@ -74,12 +75,14 @@ def run_one(arch: str, seed: int, preset: str, out: str, data_dir: str, device: 
     argv += ['--no-aug'] if cfg['no_aug'] else []
     for key in ('train_subset', 'eval_subset'):
         argv += [f"--{key.replace('_', '-')}", str(cfg[key])] if cfg[key] else []
+    start = time.time()
     result = train(add_train_args(argparse.ArgumentParser()).parse_args(argv))
+    seconds = time.time() - start
     size = (1, IMG_SIZE, IMG_SIZE)
     model = create_model(arch, num_classes=10, in_chans=1, device='meta')
     return dict(arch=arch, seed=seed, preset=preset, best_top1=result['best_top1'], last_top1=result['last_top1'],
                 params=result['params'], macs=count_macs(model, size),
-                peak_kib=activation_profile(model, size).peak_bytes / 1024)
+                peak_kib=activation_profile(model, size).peak_bytes / 1024, seconds=seconds)
 
 
 def summarize(results: List[dict]) -> List[dict]:

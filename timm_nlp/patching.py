@@ -4,6 +4,8 @@ the rest of the network run on it as usual. Only one patch's activations and the
 prefix, which is where layer-by-layer execution peaks.
 """
 import contextlib
+import functools
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -54,8 +56,8 @@ def _check_local(prefix: nn.Module) -> None:
                 why = 'its ceil-mode windows are not run patch by patch'
             else:
                 why = None
-        elif isinstance(m, GaussianPool2d):
-            why = 'its Gaussian parameters come from statistics of the whole map (a global branch)'
+        elif isinstance(m, GaussianPool2d) and m.ceil_mode:
+            why = 'its ceil-mode windows are not run patch by patch'
         elif isinstance(m, DynamicConv2d):
             why = 'its kernel mixture is routed by a global average of its input'
         elif isinstance(m, DeformConv2d):
@@ -70,10 +72,12 @@ def _check_local(prefix: nn.Module) -> None:
 
 @dataclass
 class NonLocalPass:
-    """A non-local pool of the prefix, run in two passes: its tokens embedded patch by patch (each token from a patch
-    in which its halo is complete), attention on the assembled token grid, then pooling patch by patch with the
-    token weights."""
+    """A pool of the prefix with a global branch, run in two passes: a non-local pool's tokens embedded patch by
+    patch (each token from a patch in which its halo is complete), then attention on the assembled token grid; a
+    Gaussian pool's mean of its input summed patch by patch (each patch its own part), then its global branch;
+    then the pooling, patch by patch, with those weights."""
     name: str
+    kind: str
     stride_in: int
     in_size: Tuple[int, int]
     halo_before: int
@@ -84,16 +88,17 @@ def _spatial_ops(prefix: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[L
     """Of every padded op of the prefix in execution order (a meta forward): how far, in image pixels, the zero padding
     at an inner edge of a crop reaches into its output (its padding on one side, its extent less the padding on the
     other, times its input's stride); and the prefix's non-local pools."""
-    from .layers import WeightedPool2d
+    from .layers import GaussianPool2d, WeightedPool2d
     reach, pools, hooks = [], [], []
     H = input_size[1]
     names = {m: n for n, m in prefix.named_modules()}
 
     def record(m, inputs, output):
         stride_in = H // inputs[0].shape[-2]
-        if isinstance(m, WeightedPool2d):  # windows of its stride, no padding: no halo of its own
-            pools.append(NonLocalPass(names[m], stride_in, tuple(inputs[0].shape[-2:]), sum(reach),
-                                      m.nlp.patch_size))
+        if isinstance(m, (WeightedPool2d, GaussianPool2d)):  # windows of its stride, no padding: no halo of its own
+            nlp = isinstance(m, WeightedPool2d)
+            pools.append(NonLocalPass(names[m], 'nlp' if nlp else 'gaussian', stride_in, tuple(inputs[0].shape[-2:]),
+                                      sum(reach), m.nlp.patch_size if nlp else 1))
             return
         if isinstance(m, nn.Conv2d):
             k, d, p = m.kernel_size[0], m.dilation[0], m.padding
@@ -107,7 +112,7 @@ def _spatial_ops(prefix: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[L
     for m in prefix.modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             hooks.append(m.register_forward_hook(record))
-        elif isinstance(m, WeightedPool2d) and m.nlp is not None:
+        elif isinstance(m, GaussianPool2d) or isinstance(m, WeightedPool2d) and m.nlp is not None:
             hooks.append(m.register_forward_pre_hook(lambda m, inputs: record(m, inputs, None)))
     with torch.no_grad():
         prefix(torch.empty(1, *input_size, device='meta'))
@@ -180,7 +185,7 @@ def patch_plan(model: nn.Module, input_size: Tuple[int, int, int], patches: int,
         if hp % q or wp % q:
             raise ValueError(f"the prefix cannot be run patch by patch exactly: the {q} x {q} tokens of '{p.name}' "
                              f'do not tile its {hp} x {wp} input. Choose an input size or split that they tile.')
-        non_local.append(NonLocalPass(p.name, p.stride_in, (hp, wp), p.halo_before, q))
+        non_local.append(dataclasses.replace(p, in_size=(hp, wp)))
     out_rows, in_rows = _ranges(Ho, patches, stride, halo, H, align)
     out_cols, in_cols = _ranges(Wo, patches, stride, halo, W, align)
     return PatchPlan(split, stride, halo, (Ho, Wo), out_rows, out_cols, in_rows, in_cols, (H, W), tuple(non_local))
@@ -188,10 +193,11 @@ def patch_plan(model: nn.Module, input_size: Tuple[int, int, int], patches: int,
 
 @contextlib.contextmanager
 def _shape_only(prefix: nn.Module):
-    """Non-local pools computed as window averages (the same output shape, no attention): for the plan's meta runs
-    at any size."""
-    from .layers import WeightedPool2d, window_avg_pool2d
-    pools = {n: m for n, m in prefix.named_modules() if isinstance(m, WeightedPool2d) and m.nlp is not None}
+    """Non-local and Gaussian pools computed as window averages (the same output shape, no attention): for the plan's
+    meta runs at any size."""
+    from .layers import GaussianPool2d, WeightedPool2d, window_avg_pool2d
+    pools = {n: m for n, m in prefix.named_modules()
+             if isinstance(m, GaussianPool2d) or isinstance(m, WeightedPool2d) and m.nlp is not None}
     with _replaced_forwards(prefix, {n: (lambda inp, m=m: window_avg_pool2d(inp, m.stride)) for n, m in pools.items()},
                             []):
         yield
@@ -204,6 +210,16 @@ class _Stop(Exception):
 def _meta_copy(module: nn.Module) -> nn.Module:
     import copy
     return copy.deepcopy(module).to('meta').eval()
+
+
+def _gaussian_pool(inp: torch.Tensor, pool: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """A Gaussian pool in eval with its global branch's ``softplus(MU)`` given: ``mean + W * std`` of every window."""
+    from .layers import window_avg_pool2d
+    from .layers.gaussian_pool import _window_variance
+    xf = inp.to(torch.promote_types(inp.dtype, torch.float32))
+    mean = window_avg_pool2d(xf, pool.stride)
+    std = _window_variance(xf, mean, pool.stride, False).clamp(min=pool.eps).sqrt()
+    return (mean + weight * std).to(inp.dtype)
 
 
 @contextlib.contextmanager
@@ -319,12 +335,42 @@ class PatchBased(nn.Module):
         assert bool(covered.all()), f'tokens of {nl.name} left uncovered by the patches: the halo is too small'
         return tokens[0]
 
+    def _collect_mean(self, x: torch.Tensor, plan: PatchPlan, nl: NonLocalPass, apply: dict) -> torch.Tensor:
+        """The mean of a Gaussian pool's input over the whole map, each patch summing its own part."""
+        si = nl.stride_in
+        total: List[torch.Tensor] = []
+        crop: List[Tuple[int, int, int, int]] = []
+        own: List[Tuple[int, int, int, int]] = []
+
+        def collect(inp: torch.Tensor) -> torch.Tensor:
+            (a0, _, b0, _), (r0, r1, c0, c1) = crop[0], own[0]
+            part = inp[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
+            total.append(part.to(torch.promote_types(part.dtype, torch.float32)).sum((2, 3), keepdim=True))
+            raise _Stop
+        last_row, last_col = plan.out_rows[-1][1], plan.out_cols[-1][1]
+        with _replaced_forwards(self.prefix, dict(apply, **{nl.name: collect}), crop):
+            for (o0, o1, p0, p1), window in self._patches(plan):
+                crop[:] = [window]
+                s = plan.stride // si
+                own[:] = [(o0 * s, nl.in_size[0] if o1 == last_row else o1 * s,
+                           p0 * s, nl.in_size[1] if p1 == last_col else p1 * s)]
+                try:
+                    self.prefix(x[:, :, window[0]:window[1], window[2]:window[3]])
+                except _Stop:
+                    pass
+        return torch.stack(total).sum(0) / (nl.in_size[0] * nl.in_size[1])
+
     def _token_weights(self, x: torch.Tensor, plan: PatchPlan) -> dict:
-        """The pooling functions of the non-local pools of the prefix, with their token weights of the whole map."""
+        """The pooling functions of the two-pass pools of the prefix, with the weights of the whole map."""
         from .layers import upsample_nearest, weighted_pool2d, window_avg_pool2d
         apply = {}
         for nl in plan.non_local:
             pool = self.prefix.get_submodule(nl.name)
+            if nl.kind == 'gaussian':
+                mean = self._collect_mean(x, plan, nl, apply)
+                softplus = torch.nn.functional.softplus(pool.mu(pool.hidden(mean.to(x.dtype))))
+                apply[nl.name] = functools.partial(_gaussian_pool, pool=pool, weight=softplus)
+                continue
             t = self._collect_tokens(x, plan, nl, apply)
             weights = pool.nlp.weights_of_tokens(t, nl.in_size)
             constant = pool.patches_of_windows  # the whole map is tiled by its tokens (checked by the plan)

@@ -267,7 +267,8 @@ def patched_profile(
     each also holding the prefix's output map being assembled, then the rest of the network runs on the assembled
     map. A non-local pool of the prefix adds a first pass (the steps before it on the largest patch, holding the
     token grid being assembled), then its attention on the whole token grid; every later step holds its token
-    weights, and its pooling step counts no attention of its own. The input image is read patch by patch (only the
+    weights, and its pooling step counts no attention of its own. A Gaussian pool's first pass holds its
+    per-channel sums, its global branch (on 1 x 1 maps) is not counted. The input image is read patch by patch (only the
     crop is counted, as MCUNetV2 counts it)."""
     from .patching import PatchBased, _shape_only, _Units
     wrapped = PatchBased(model, patches, split)
@@ -281,19 +282,20 @@ def patched_profile(
     steps, weights = [], 0
     pool_names = [nl.name for nl in plan.non_local]
     for nl in plan.non_local:
-        nlp = wrapped.prefix.get_submodule(nl.name).nlp
+        pool = wrapped.prefix.get_submodule(nl.name)
         grid = (nl.in_size[0] // nl.patch_size, nl.in_size[1] // nl.patch_size)
-        tokens = nlp.embed_dim * grid[0] * grid[1] * itemsize
-        before = [layer for layer in first.layers if not layer.name.startswith(nl.name)]
-        before = before[:next((i for i, layer in enumerate(first.layers) if layer.name.startswith(nl.name)),
-                              len(first.layers))]
-        steps += [dataclasses.replace(layer, name=f'tokens:{layer.name}', held_bytes=layer.held_bytes + tokens + weights)
-                  for layer in before]
-        attention = activation_profile(_TokenWeights(nlp, nl.in_size), (nlp.embed_dim, *grid), dtype=dtype,
-                                       accounting=accounting)
-        steps += [dataclasses.replace(layer, name=f'attention:{nl.name}.{layer.name}',
-                                      held_bytes=layer.held_bytes + weights) for layer in attention.layers]
-        weights += nlp.channels * grid[0] * grid[1] * itemsize
+        # what the first pass assembles: the token grid, or a Gaussian pool's per-channel sums
+        tokens = (pool.nlp.embed_dim * grid[0] * grid[1] if nl.kind == 'nlp' else pool.channels) * itemsize
+        before = first.layers[:next((i for i, layer in enumerate(first.layers) if layer.name.startswith(nl.name)),
+                                    len(first.layers))]
+        steps += [dataclasses.replace(layer, name=f'{nl.kind}-pass:{layer.name}',
+                                      held_bytes=layer.held_bytes + tokens + weights) for layer in before]
+        if nl.kind == 'nlp':
+            attention = activation_profile(_TokenWeights(pool.nlp, nl.in_size), (pool.nlp.embed_dim, *grid),
+                                           dtype=dtype, accounting=accounting)
+            steps += [dataclasses.replace(layer, name=f'attention:{nl.name}.{layer.name}',
+                                          held_bytes=layer.held_bytes + weights) for layer in attention.layers]
+        weights += pool.channels * (grid[0] * grid[1] if nl.kind == 'nlp' else 1) * itemsize
     assembled = out.numel() * itemsize
     steps += [dataclasses.replace(layer, name=f'patch:{layer.name}', held_bytes=layer.held_bytes + assembled + weights)
               for layer in first.layers if not any(layer.name.startswith(f'{n}.') for n in pool_names)]
