@@ -44,12 +44,12 @@ def _check_local(prefix: nn.Module) -> None:
     for name, m in prefix.named_modules():
         why = None
         if isinstance(m, WeightedPool2d) and m.nlp is not None:
-            if m.nlp.patch_size == 1:
-                why = 'its attention mixes the tokens of the full-resolution map (p = 1)'
+            if m.local is not None:
+                why = "mixp's local term is not run patch by patch"
             elif m.nlp.deformable:
                 why = 'its deformable embedding samples at unbounded offsets'
-            elif m.local is not None:
-                why = "mixp's local term is not run patch by patch"
+            elif m.nlp.patch_size == 1:
+                why = 'its attention mixes the tokens of the full-resolution map (p = 1)'
             elif m.nlp.dynamic:
                 why = 'its dynamic restore conv is routed by the mean of the whole map'
             elif m.ceil_mode:
@@ -208,8 +208,13 @@ class _Stop(Exception):
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
+    """A meta-device copy in eval, without the hooks users registered (the plan's meta runs are not forwards)."""
     import copy
-    return copy.deepcopy(module).to('meta').eval()
+    meta = copy.deepcopy(module).to('meta').eval()
+    for m in meta.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    return meta
 
 
 def _gaussian_pool(inp: torch.Tensor, pool: nn.Module, weight: torch.Tensor) -> torch.Tensor:
