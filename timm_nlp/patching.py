@@ -210,7 +210,14 @@ class _Stop(Exception):
 def _meta_copy(module: nn.Module) -> nn.Module:
     """A meta-device copy in eval, without the hooks users registered (the plan's meta runs are not forwards)."""
     import copy
-    meta = copy.deepcopy(module).to('meta').eval()
+    owners = [module] + ([module.__dict__['_model']] if '_model' in module.__dict__ else [])
+    memo = {}
+    for owner in owners:  # tensors are not copied: each becomes an empty meta tensor
+        for t in list(owner.parameters()) + list(owner.buffers()):
+            if id(t) not in memo:
+                meta_t = torch.empty_like(t, device='meta')
+                memo[id(t)] = nn.Parameter(meta_t, t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
+    meta = copy.deepcopy(module, memo).eval()
     for m in meta.modules():
         m._forward_hooks.clear()
         m._forward_pre_hooks.clear()
@@ -291,12 +298,16 @@ class PatchBased(nn.Module):
         if self.split not in units:
             raise ValueError(f"split '{self.split}' is not one of the model's units: {', '.join(units)}.")
         i = units.index(self.split) + 1
+        self._plans = {}
         self.prefix = _Units(model, units[:i])
         self.rest = _Units(model, units[i:])
         _check_local(self.prefix)
 
     def plan(self, input_size: Tuple[int, int, int]) -> PatchPlan:
-        return patch_plan(self.model, input_size, self.patches, self.split)
+        """The patches for one input size (computed once per size)."""
+        if input_size not in self._plans:
+            self._plans[input_size] = patch_plan(self.model, input_size, self.patches, self.split)
+        return self._plans[input_size]
 
     def _patches(self, plan: PatchPlan):
         for (o0, o1), (a0, a1) in zip(plan.out_rows, plan.in_rows):

@@ -2,7 +2,7 @@
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ModelProfile', 'profile_model',
-    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile',
+    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile', 'measured_peak_bytes',
 ]
 
 
@@ -318,6 +318,22 @@ class _TokenWeights(nn.Module):
 def _meta_prefix_output(prefix: nn.Module, input_size: Tuple[int, int, int]) -> torch.Tensor:
     meta = copy.deepcopy(prefix).to('meta').eval()
     return meta(torch.empty(1, *input_size, device='meta'))
+
+
+def measured_peak_bytes(fn: Callable[[], object]) -> int:
+    """The peak of the bytes ``fn`` holds allocated on the CPU while it runs, from torch.profiler's memory events
+    (every allocation and free of the CPU allocator, in order; the measurement of real execution that the counts
+    are checked against). What existed before the call is not counted; what it returns is."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == '[memory]' and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 @dataclass
