@@ -83,6 +83,10 @@ def test_mobilenetv2_closed_forms_and_mcunets_figure():
     assert inplace.peak_layer.name == 'blocks.1.0.conv_pw'
     resnet = activation_profile(timm.create_model('resnet18'), (3, 224, 224), dtype='int8', accounting='mcunet')
     assert resnet.peak_bytes == 64 * 112 ** 2 + 64 * 56 ** 2 and resnet.peak_layer.name == 'maxpool'
+    # every pooling layer is a step: the paper's max-pool after a stage run at stride 1
+    maxp = _steps(activation_profile(timm_nlp.create_model('resnet18-maxp-2222'), (3, 224, 224), dtype='int8',
+                                     accounting='mcunet'))
+    assert maxp['layer1.pool'] == 64 * 56 ** 2 + 64 * 28 ** 2 and maxp['maxpool'] == 64 * 112 ** 2 + 64 * 56 ** 2
 
 
 def _random_bn(model: nn.Module) -> nn.Module:

@@ -64,10 +64,13 @@ def test_compare_prints_the_table(tmp_path):
             for r in proc.stdout.splitlines() if r.startswith('| resnet18')}
     assert set(rows) == {'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222'}
     stock, pooled = rows['resnet18_skip_1222'], rows['resnet18_nlp_headfix2_nowin_reduced_2222']
-    # columns: best-epoch top-1, last-epoch top-1, params, GMACs, peak memory, stage-1 map, train img/s, weights
-    assert float(stock[5]) == 4 * float(pooled[5])  # the first stage down-sampled by 2: a 4x smaller map
+    # columns: best-epoch top-1, last-epoch top-1, params, GMACs, peak memory, int8 mcunet peak, int8 patched peak,
+    # stage-1 map, train img/s, weights
+    assert float(stock[7]) == 4 * float(pooled[7])  # the first stage down-sampled by 2: a 4x smaller map
     assert float(stock[2]) < float(pooled[2])
-    assert all(Path(r[7]).is_file() for r in rows.values())
+    # int8, mcunet, 16 x 16: the stem max-pool's 64 x 8 x 8 input and 64 x 4 x 4 output (the stem conv holds less)
+    assert float(stock[5]) == (64 * 8 * 8 + 64 * 4 * 4) / 1024
+    assert all(Path(r[9]).is_file() for r in rows.values())
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.) -> None:
@@ -293,7 +296,7 @@ def ema_run(tmp_path_factory):
 def test_compare_trains_an_architecture_string(ema_run):
     data, out, stdout = ema_run
     (row,) = _table(stdout)
-    assert row[0] == 'resnet18-lip-1211' and Path(row[8]).is_file()
+    assert row[0] == 'resnet18-lip-1211' and Path(row[10]).is_file()
     assert float(row[5]) == 32  # profiled at 16x16: the stem norm's 64 x 8 x 8 float32 input and output
     # with EMA, both top-1 columns are the EMA's, as are the weights (the model's own top-1 differs, EMA_RUN)
     (last,) = _summary(out / 'resnet18-lip-1211')

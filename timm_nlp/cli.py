@@ -17,6 +17,20 @@ COMPARE_MODELS = (
 )
 
 
+COMPARE_PATCHES = 4
+
+
+def _patched_int8_peak(model, size) -> Optional[int]:
+    """The int8 mcunet peak of patch-based execution (4 x 4 patches, the best split), None where none applies."""
+    from .patching import _default_split
+    from .profiler import patched_profile
+    try:
+        split = _default_split(model, COMPARE_PATCHES, size)
+        return patched_profile(model, size, COMPARE_PATCHES, split, dtype='int8', accounting='mcunet').peak_bytes
+    except ValueError:
+        return None
+
+
 def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
     """Train every model with ``args.seeds`` seeds (seed, seed + 1, ...) and print one table of the results."""
     import torch
@@ -44,9 +58,12 @@ def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
         stage1 = create_model(name, features_only=True, out_indices=(1,), device='meta', in_chans=args.in_chans)
         stage1_kib = stage1.eval()(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
         best[name] = [r['best_top1'] for r in runs]
+        int8 = activation_profile(model, size, dtype='int8', accounting='mcunet').peak_bytes
+        patched = _patched_int8_peak(model, size)
         rows.append([name, mean_std(best[name]), mean_std([r['last_top1'] for r in runs]),
                      f"{runs[0]['params'] / 1e6:.2f}", f'{count_macs(model, size) / 1e9:.3f}',
-                     f'{activation_profile(model, size).peak_bytes / 1024:.0f}', f'{stage1_kib:.0f}',
+                     f'{activation_profile(model, size).peak_bytes / 1024:.0f}', f'{int8 / 1024:.1f}',
+                     f'{patched / 1024:.1f}' if patched else '-', f'{stage1_kib:.0f}',
                      f"{statistics.mean(r['train_img_s'] for r in runs):.0f}", runs[0]['weights']])
     # the top-1 columns are of the weights that rank the checkpoints and are exported: the EMA's with EMA
     ema = [name for name, runs in results.items() if runs[0]['eval_metric'] == 'ema_top1']
@@ -58,7 +75,8 @@ def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
     print(f'\n{len(results)} models, {args.epochs} epochs, {seeds}, {args.img_size}x{args.img_size} input, '
           f'test top-1{note}\n')
     print(markdown_table(['model', 'best-epoch top-1 (%)', 'last-epoch top-1 (%)', 'params (M)', 'GMACs',
-                          'peak act. mem (KiB)', 'stage-1 map (KiB)', 'train img/s', 'weights'], rows))
+                          'peak act. mem (KiB)', 'int8 mcunet peak (KiB)', f'int8 {COMPARE_PATCHES}x{COMPARE_PATCHES} '
+                          'patches (KiB)', 'stage-1 map (KiB)', 'train img/s', 'weights'], rows))
     if args.seeds > 1:
         pairs = within_spread(best)
         print('\nBest-epoch top-1 differences within the seeds\' spread (|mean difference| <= the sum of the two '

@@ -185,14 +185,16 @@ def activation_profile(
     storage), so a held tensor is never counted twice. ``dtype`` may be ``int8`` (one byte per element): the
     shapes are those of the float model.
     """
-    from timm_nlp.layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
+    from timm_nlp.layers import (
+        DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d, WindowAvgPool2d, WindowMaxPool2d)
     if accounting not in ACCOUNTINGS:
         raise ValueError(f"accounting '{accounting}' is not one of {', '.join(ACCOUNTINGS)}.")
     itemsize = _itemsize(dtype)
     meta = copy.deepcopy(model).to(device='meta', dtype=torch.float32).eval()
     compound_types = (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)
     folded = accounting != 'layers'
-    step_types = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    step_types = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+                  WindowAvgPool2d, WindowMaxPool2d)
     layers: List[LayerMemory] = []
     modules: List[nn.Module] = []
     held: List[Tuple[torch.Tensor, ...]] = []
