@@ -1,0 +1,119 @@
+"""Every Python and shell example of README.md and docs/ runs; every `timm-nlp` command they show parses.
+
+A fenced ```python or ```bash block runs in a temporary folder (one per page, the page's blocks in order, so a block
+can use what an earlier one wrote), offline (HF_HUB_OFFLINE=1, a temporary HF_HOME). The line before a block may
+mark it: ``<!-- example: skip (REASON) -->`` for what cannot run here (a GPU, the Hub, data or files that are not
+here), listed as skipped with the reason; ``<!-- example: needs PATH -->`` runs it only where PATH exists.
+"""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / 'README.md'] + sorted((REPO / 'docs').glob('*.md'))
+MARK = re.compile(r'<!-- example: (skip \((?P<reason>.+)\)|needs (?P<path>\S+)) -->')
+
+
+def _blocks():
+    """(page, line, language, code, skip reason or None) of every python/bash block."""
+    found = []
+    for page in PAGES:
+        lines = page.read_text().split('\n')
+        i = 0
+        while i < len(lines):
+            m = re.match(r'^```(python|bash)\s*$', lines[i])
+            if m:
+                end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith('```'))
+                mark = MARK.match(lines[i - 1]) if i else None
+                reason = None
+                if mark and mark.group('reason'):
+                    reason = mark.group('reason')
+                elif mark and not os.path.exists(mark.group('path')):
+                    reason = f"needs {mark.group('path')}, which is not here"
+                found.append((page, i + 1, m.group(1), '\n'.join(lines[i + 1:end]), reason))
+                i = end
+            i += 1
+    return found
+
+
+BLOCKS = _blocks()
+
+
+def _pages_blocks():
+    return [pytest.param(page, [b for b in BLOCKS if b[0] == page], id=str(page.relative_to(REPO)))
+            for page in PAGES if any(b[0] == page for b in BLOCKS)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('page, blocks', _pages_blocks())
+def test_examples_run(page, blocks, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), PYTHONPATH=str(REPO),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', ''))
+    skipped = []
+    for _, line, lang, code, reason in blocks:
+        if reason:
+            skipped.append(f'{page.name}:{line} ({reason})')
+            continue
+        if lang == 'python':
+            cmd = [sys.executable, '-c', code]
+        else:
+            cmd = ['bash', '-euo', 'pipefail', '-c', code]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f'{page.name}:{line} failed:\n{code}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}'
+        # a print whose line says what it prints ("print(x)  # [4, 8]") prints that
+        prints = [c.strip() for c in code.split('\n') if c.strip().startswith('print(')]
+        if lang == 'python' and prints and all('  # ' in c for c in prints):
+            out = [o for o in proc.stdout.split('\n') if o.strip()]
+            said = [c.split('  # ', 1)[1] for c in prints]
+            assert len(out) == len(said) and all(s.startswith(o) for o, s in zip(out, said)), (page.name, line, out)
+    if skipped and len(skipped) == len(blocks):
+        pytest.skip('; '.join(skipped))
+    if skipped:
+        print('skipped: ' + '; '.join(skipped))
+
+
+def test_every_block_either_runs_or_says_why():
+    reasons = [b[4] for b in BLOCKS if b[4]]
+    assert len(BLOCKS) > len(reasons) > 0
+    words = ('GPU', 'Hub', 'needs', 'checkpoint', 'STL-10', 'train.py', 'validate.py', 'test suite', 'set')
+    assert all(any(w in r for w in words) for r in reasons), reasons
+
+
+def _commands():
+    """Every `timm-nlp ...` command line of the docs' code blocks (continuations joined, comments dropped)."""
+    cmds = []
+    for page in PAGES:
+        text = page.read_text().replace('\\\n', ' ')
+        for block in re.findall(r'```(?:bash|text)\n(.*?)```', text, re.S):
+            for line in block.split('\n'):
+                line = line.split(' #')[0].split(' > ')[0].strip()
+                if line.startswith('timm-nlp '):
+                    cmds.append((page.name, line))
+    return cmds
+
+
+def test_every_documented_command_parses():
+    from timm_nlp.cli import build_parser
+    cmds = _commands()
+    assert len(cmds) >= 10 and {c.split()[1] for _, c in cmds} >= {'train', 'compare', 'profile', 'push'}
+    for page, cmd in cmds:
+        argv = shlex.split(cmd.replace('$MODELS', 'resnet18'))[1:]
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f'{page}: `{cmd}` does not parse') from e
+
+
+def test_every_subcommand_has_help():
+    from timm_nlp.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == 'command')
+    assert set(sub.choices) >= {'train', 'compare', 'profile', 'push', 'convert-paper', 'stl10'}
+    for name in sub.choices:
+        proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', name, '--help'], capture_output=True, text=True,
+                              cwd=REPO)
+        assert proc.returncode == 0 and proc.stdout.startswith(f'usage: timm-nlp {name}'), (name, proc.stderr)
