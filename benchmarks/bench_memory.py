@@ -36,7 +36,8 @@ PAPER = {
 LOCAL_PREPOOLS = [('resnet18', ['prepool-lip-8-resnet18-skip-1222', 'prepool-maxp-8-resnet18-skip-1222']),
                   ('mobilenetv2_100', ['prepool-lip-4-mobilenet_v2-skip-1222121',
                                        'prepool-maxp-4-mobilenet_v2-skip-1222121'])]
-MEASURED = ['resnet18', 'mobilenetv2_100', 'prepool-lip-8-resnet18-skip-1222', 'prepool-nlp_headfix2-4-resnet18-skip-1222',
+MEASURED = ['resnet18', 'mobilenetv2_100', 'prepool-lip-8-resnet18-skip-1222',
+            'prepool-nlp_headfix2-4-resnet18-skip-1222',
             'prepool-maxp-4-mobilenet_v2-skip-1222121', 'mobilenet_v2-nlp_headfix2-2222121']
 KiB = 1024
 

@@ -178,7 +178,8 @@ def test_patch_based_errors():
         timm_nlp.patch_based(model, 4, 'layer9')
     with pytest.raises(RuntimeError, match=r'for inference: call .eval\(\) first'):
         timm_nlp.patch_based(model.train(), 2, 'layer1')(torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match='16 patches a side need at least 16 output rows and columns; the prefix gives 8'):
+    with pytest.raises(ValueError, match='16 patches a side need at least 16 output rows and columns; the prefix '
+                                         'gives 8'):
         patch_plan(model, (3, 32, 32), 16, 'layer1')
     with pytest.raises(ValueError, match='tokens of .maxpool. do not tile its 97 x 97 input'):
         patch_plan(timm_nlp.create_model('prepool-nlp_headfix2_nowin-4-resnet18-skip-1222', device='meta'),
@@ -278,7 +279,8 @@ def test_counts_against_the_measured_peak_of_real_execution():
     peak as the count says."""
     from timm_nlp.profiler import measured_peak_bytes
     x = torch.randn(1, 3, 224, 224)
-    for name, split, saving in [('prepool-lip-8-resnet18-skip-1222', 'maxpool', 8.), ('mobilenetv2_100', 'blocks.2', 3.)]:
+    for name, split, saving in [('prepool-lip-8-resnet18-skip-1222', 'maxpool', 8.),
+                                ('mobilenetv2_100', 'blocks.2', 3.)]:
         model = timm_nlp.create_model(name).eval()
         patched = timm_nlp.patch_based(model, 4, split)
         with torch.no_grad():

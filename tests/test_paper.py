@@ -129,8 +129,8 @@ def test_paper_code_checkpoints_convert_and_match(arch, paper_network):  # noqa:
 
 @pytest.mark.parametrize('arch', [a for a in LAYOUT_CASES if 'prepool-skip' not in a])
 def test_paper_code_deformable_checkpoints_convert(arch, paper_network):  # noqa: F811
-    """The deformable networks (whose sampler differs, docs/fidelity.md) convert and load strictly; the paper's 'mixp' as
-    dfmixp."""
+    """The deformable networks (whose sampler differs, docs/fidelity.md) convert and load strictly; the paper's 'mixp'
+    as dfmixp."""
     sd = paper_network(arch).state_dict()
     target = arch.replace('-mixp', '-dfmixp').replace('prepool-mixp', 'prepool-dfmixp')
     if target != arch:

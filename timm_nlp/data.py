@@ -16,7 +16,8 @@ from torch.utils.data import Dataset, Subset
 from timm.data import create_dataset
 
 __all__ = [
-    'FashionMNIST', 'DigitsDataset', 'TransformSubset', 'read_idx', 'balanced_subset', 'dataset_targets', 'resolve_datasets',
+    'FashionMNIST', 'DigitsDataset', 'TransformSubset', 'read_idx', 'balanced_subset', 'dataset_targets',
+    'resolve_datasets',
     'default_fashion_mnist_dir', 'FASHION_MNIST_CLASSES', 'IdxError', 'IMG_EXTENSIONS',
 ]
 
@@ -224,7 +225,8 @@ def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
     in_chans = getattr(args, 'in_chans', 3)
     if args.dataset == 'fashion-mnist':
         root = args.data_dir or default_fashion_mnist_dir()
-        train_ds, eval_ds = FashionMNIST(root, 'train', in_chans=in_chans), FashionMNIST(root, 'test', in_chans=in_chans)
+        train_ds = FashionMNIST(root, 'train', in_chans=in_chans)
+        eval_ds = FashionMNIST(root, 'test', in_chans=in_chans)
     elif args.dataset:  # a timm dataset name, e.g. torch/cifar100, hfds/..., with --data-dir as its root
         kw = dict(root=args.data_dir, download=args.dataset_download)
         train_ds = create_dataset(args.dataset, split='train', is_training=True, **kw)

@@ -233,7 +233,16 @@ def _check_recorded_architecture(model: torch.nn.Module, path: str) -> None:
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train one model; returns its final metrics, sizes, throughput and checkpoint paths."""
+    """Train one model, as ``timm-nlp train`` does (``args`` from ``add_train_args``; ``apply_recipe`` fills a recipe).
+
+    Checkpoints (safetensors) go to ``args.output``, a run there resumes from its last epoch, ``summary.csv`` logs
+    every epoch's test top-1; under torchrun it trains DistributedDataParallel.
+
+    Returns:
+        The final metrics (``top1``, ``best_top1``, ``best_epoch``, ``last_top1``, ``eval_metric``), ``params``,
+        ``train_img_s`` / ``eval_img_s`` and the paths ``output`` and ``weights`` (the best weights,
+        ``model.safetensors``); on a non-zero rank, ``output`` is None.
+    """
     args = apply_recipe(args)
     device = torch.device(process_device(args.device))
     distributed, rank, world = _init_distributed(str(device))
@@ -378,7 +387,8 @@ def _label_names(dataset: Dataset) -> Optional[List[str]]:
 def _recipe(args: argparse.Namespace, dataset: Dataset) -> Dict[str, Any]:
     """The training recipe recorded with the exported weights (and in the Hub model card)."""
     name = args.dataset or (os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else None)
-    return dict(dataset=name or 'sklearn-digits', train_subset=args.train_subset, eval_subset=args.eval_subset, in_chans=args.in_chans,
+    return dict(dataset=name or 'sklearn-digits', train_subset=args.train_subset, eval_subset=args.eval_subset,
+                in_chans=args.in_chans,
                 recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
                 img_size=args.img_size, opt=args.opt, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, sched=args.sched, drop=args.drop, seed=args.seed,

@@ -70,7 +70,8 @@ def document() -> str:
         'norm-act, in ceil mode, the shortcut strided past it. '
         'Not a network of the paper. It is cheaper for the ResNets, whose other blocks then run down-sampled, and '
         "costlier for MobileNetV2, whose first block would pool its expanded (6x wider) map:",
-        markdown_table(['architecture', *[f'paper: {c}' for c in costs], *[f'block: {c}' for c in costs]], placement_rows()),
+        markdown_table(['architecture', *[f'paper: {c}' for c in costs], *[f'block: {c}' for c in costs]],
+                       placement_rows()),
         '## Every registered model',
         'The grid of every backbone and its `dy` variant x 13 poolings x 3 stride patterns, the paper\'s examples '
         'outside it, and one generic entrypoint per backbone (`[dy]PREFIX_pooled`, configured by `pool=`, '
