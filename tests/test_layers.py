@@ -8,12 +8,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference import (
-    PlainNlpPool, bilinear, plain_deform_embed, plain_resample, randomize_model, randomize_norms, window_pool)
+    PlainNlpPool, bilinear, plain_deform_embed, plain_resample, randomize_model, randomize_norms)
 from timm_nlp.grammar import POOL_METHODS, PoolSpec
 from timm_nlp.layers import (
     DeformConv2d, DynamicConv2d, GaussianPool2d, LearnedPosEmbed2d, SelfAttentiveImportance, WeightedPool2d,
     create_pool2d, nearest_index, nlp_embed_dim, prepool_args, resample_at_offsets, set_dynamic_temperature,
-    stage_pool_args, upsample_nearest, window_avg_pool2d)
+    stage_pool_args, upsample_nearest)
 
 SIZES = list(range(1, 10)) + [31, 32, 33, 56, 57]
 LAYERS = [m for m in POOL_METHODS if m != 'skip'] + ['nlp_headfix2_nowin_reduced', 'dfmixp_reduced', 'mixp_reduced']
