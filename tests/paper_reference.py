@@ -1,11 +1,11 @@
 """Plain reference implementation of the networks of "Self-Attentive Pooling for Efficient Deep Learning".
 
 Written from this project's specification of what the paper's code computes, with its plain bugs fixed as
-docs/fidelity.md lists them, independent of ``timm_nlp``. It holds the paper code's parameter layout (state-dict
-keys under ``net.``), so that a state dict of the paper's ``Network(name_parse(arch))`` loads into
-``build_reference(arch)`` strictly (for the paper's ``mixp``, which is deformable, load it into ``dfmixp``).
-Every step is written in its most literal form: explicit window reshapes, explicit index gathers for up-sampling and bilinear sampling, a per-sample loop for
-the dynamic convolution, ``nn.MultiheadAttention`` for attention, ``nn.BatchNorm2d`` at full resolution.
+docs/fidelity.md lists them, independent of ``timm_nlp``. It holds the paper code's parameter layout (state-dict keys
+under ``net.``), so that a state dict of the paper's ``Network(name_parse(arch))`` loads into ``build_reference(arch)``
+strictly (for the paper's ``mixp``, which is deformable, load it into ``dfmixp``). Every step is written in its most
+literal form: explicit window reshapes, explicit index gathers for up-sampling and bilinear sampling, a per-sample loop
+for the dynamic convolution, ``nn.MultiheadAttention`` for attention, ``nn.BatchNorm2d`` at full resolution.
 
 Where the specification left a detail open, this follows the paper code (each such place is marked "paper code:"
 below).
