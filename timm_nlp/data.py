@@ -114,7 +114,28 @@ class TransformSubset(Subset):
         self.dataset.transform = value
 
 
-class FashionMNIST(Dataset):
+class _GreyImages(Dataset):
+    """Grey uint8 images ``self.images`` (N, H, W) with ``self.targets`` as PIL images, replicated to RGB for
+    ``in_chans`` 3."""
+    images: np.ndarray
+    targets: List[int]
+    in_chans: int
+    transform = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        img = Image.fromarray(self.images[i], mode='L')
+        if self.in_chans == 3:
+            img = img.convert('RGB')
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[i]
+
+
+class FashionMNIST(_GreyImages):
     """Fashion-MNIST from its IDX files as PIL images (grey, or replicated to RGB with ``in_chans=3``).
 
     Args:
@@ -144,20 +165,8 @@ class FashionMNIST(Dataset):
         self.transform = transform
         self.in_chans = in_chans
 
-    def __len__(self) -> int:
-        return len(self.targets)
 
-    def __getitem__(self, i: int):
-        from PIL import Image
-        img = Image.fromarray(self.images[i], mode='L')
-        if self.in_chans == 3:
-            img = img.convert('RGB')
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[i]
-
-
-class DigitsDataset(Dataset):
+class DigitsDataset(_GreyImages):
     """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) as RGB PIL images.
 
     A fixed stratified 80/20 split (seed 0) gives ``train`` and ``validation``; the transform up-samples.
@@ -179,18 +188,6 @@ class DigitsDataset(Dataset):
         self.classes = [str(c) for c in range(10)]
         self.transform = transform
         self.in_chans = in_chans
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-        img = Image.fromarray(self.images[i], mode='L')
-        if self.in_chans == 3:
-            img = img.convert('RGB')
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[i]
 
 
 def _check_image_folder(root: str, split: str) -> str:
