@@ -58,6 +58,13 @@ def _upsample_counts(size_out: int, size_in: int, device: torch.device) -> torch
     return starts[1:] - starts[:-1]
 
 
+def _coverage(t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """The pixels of a nearest up-sampling to ``size`` that each token of ``t`` (B, C, h, w) covers, (h, w)."""
+    rows = _upsample_counts(size[0], t.shape[-2], t.device).to(t.dtype)
+    cols = _upsample_counts(size[1], t.shape[-1], t.device).to(t.dtype)
+    return rows[:, None] * cols[None, :]
+
+
 def resample_at_offsets(w: torch.Tensor, offset: torch.Tensor, kernel_size: int) -> torch.Tensor:
     """The weight map re-sampled where a deformable patch embedding looked: pixel ``(i k + r, j k + c)`` takes ``w``
     bilinearly at ``(i k + r - dy, j k + c - dx)`` (clamped to the map), with ``(dy, dx)`` the offset of kernel
@@ -257,9 +264,7 @@ class SelfAttentiveImportance(nn.Module):
         h, w = t.shape[-2], t.shape[-1]
         if not self.dynamic or (h == size[0] and w == size[1]):
             return conv(t)
-        rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
-        cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
-        mean = (t * (rows[:, None] * cols[None, :])).sum((2, 3)) / (size[0] * size[1])
+        mean = (t * _coverage(t, size)).sum((2, 3)) / (size[0] * size[1])
         attn = conv.attention_from_mean(mean)
         if conv.batch_agnostic:  # ONNX with a dynamic batch: all K kernels, outputs mixed
             out = F.conv2d(t, conv.weight).unflatten(1, (conv.num_kernels, -1))
@@ -279,9 +284,7 @@ class SelfAttentiveImportance(nn.Module):
         h, w = t.shape[-2], t.shape[-1]
         if not bn.training or (h == size[0] and w == size[1]):
             return bn(t)
-        rows = _upsample_counts(size[0], h, t.device).to(t.dtype)
-        cols = _upsample_counts(size[1], w, t.device).to(t.dtype)
-        cover = rows[:, None] * cols[None, :]
+        cover = _coverage(t, size)
         n = t.shape[0] * size[0] * size[1]
         mean = (t * cover).sum((0, 2, 3)) / n
         dev = t - mean[None, :, None, None]
