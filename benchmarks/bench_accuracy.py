@@ -11,13 +11,15 @@ channel (the grey data as it is, which is what a deployment on it would hold). P
   images, 2 epochs, evaluated on a fixed class-balanced subset of 2,000 test images, no augmentation;
 - ``gpu`` (default with CUDA): all 60,000 training and 10,000 test images, 15 epochs, the trainer's augmentation.
 
-Every finished run is appended to ``DIR/results.jsonl`` and skipped when the benchmark is started again; a killed
-run resumes from its last epoch's checkpoint. The table gives, per network, the mean ± standard deviation over the
+Every finished run is appended to ``DIR/results.jsonl`` (its checkpoints then deleted, its ``summary.csv`` kept,
+unless ``--keep-checkpoints``) and skipped when the benchmark is started again; a killed run resumes from its last
+epoch's checkpoint. The table gives, per network, the mean ± standard deviation over the
 seeds of the best-epoch and the last-epoch test top-1, params, MACs and the peak activation memory at 64x64
 (batch 1, float32, layer-by-layer execution); ``DIR/accuracy_vs_memory.png`` plots top-1 against peak memory per
 backbone, the paper's kind of figure.
 """
 import argparse
+import glob
 import json
 import logging
 import os
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument('--out', default=None, help='results folder (default: output/bench_accuracy/PRESET)')
     parser.add_argument('--data-dir', default='', help="Fashion-MNIST's IDX files (default: Debian's package)")
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all cores)')
+    parser.add_argument('--keep-checkpoints', action='store_true', help="keep every finished run's checkpoints")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,6 +160,9 @@ def main() -> None:
             r = run_one(arch, seed, args.preset, out, args.data_dir, device)
             with open(results_path, 'a') as f:
                 f.write(json.dumps(r) + '\n')
+            if not args.keep_checkpoints:  # recorded: its summary.csv stays, its checkpoints (~400 MB) go
+                for name in glob.glob(os.path.join(out, 'runs', arch, f'seed{seed}', '*.safetensors')):
+                    os.remove(name)
             runs.append(r)
             bar.update()
     wanted = {arch for arch, _ in grid(args.backbones, args.methods, args.strides, args.seeds)}
