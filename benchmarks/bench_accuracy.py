@@ -185,10 +185,10 @@ def main() -> None:
     stock = {r['backbone']: r for r in rows if r['method'] == 'skip' and r['stride'] == 1}
     print(markdown_table(
         ['network', 'best-epoch top-1 (%)', 'last-epoch top-1 (%)', 'params (M)', 'GMACs', 'peak fp32 (KiB)',
-         'peak int8, mcunet (KiB)', 'int8 peak vs stock'],
+         'peak int8, mcunet (KiB)', 'int8 reduction vs stock'],
         [[r['arch'], f"{r['best']:.2f} ± {r['best_std']:.2f}", f"{r['last']:.2f} ± {r['last_std']:.2f}",
           f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.3f}", f"{r['peak_kib']:.0f}", f"{r['int8_kib']:.1f}",
-          f"{stock[r['backbone']]['int8_kib'] / r['int8_kib']:.2f}x below" if r['backbone'] in stock else '-']
+          f"{stock[r['backbone']]['int8_kib'] / r['int8_kib']:.2f}x" if r['backbone'] in stock else '-']
          for r in rows]))
     print('\nPer backbone and first-stage stride, the best method by mean best-epoch top-1, and those within the seeds\' '
           'spread of it (|mean difference| <= the sum of the two standard deviations):')
