@@ -269,7 +269,10 @@ def test_profile_cli_json_int8_and_patches():
                            '--accounting', 'mcunet', '--patches', '4', '--compare'],
                           capture_output=True, text=True, cwd=REPO, check=True)
     row = next(r for r in proc.stdout.splitlines() if r.startswith('| mobilenetv2_100'))
-    assert float(row.split('|')[6].strip()[:-1]) == pytest.approx(1470 / (p['peak_bytes'] / 1024), abs=0.01)
+    assert float(row.split('|')[7].strip()[:-1]) == pytest.approx(1470 / (p['peak_bytes'] / 1024), abs=0.01)
+    patched_gmacs = float(row.split('|')[4])  # the halos recomputed: more than the whole-map GMACs
+    assert patched_gmacs == pytest.approx(p['patched_macs'] / 1e9, abs=1e-3)
+    assert patched_gmacs > float(row.split('|')[3])
 
 
 def test_counts_against_the_measured_peak_of_real_execution():
@@ -291,3 +294,16 @@ def test_counts_against_the_measured_peak_of_real_execution():
         assert 0.99 * whole_c <= whole_m <= 1.6 * whole_c, (name, whole_m, whole_c)
         assert 0.99 * patch_c <= patch_m <= 1.6 * patch_c, (name, patch_m, patch_c)
         assert whole_m / patch_m > saving
+
+
+def test_patched_macs_count_the_recomputed_halos():
+    from timm_nlp.profiler import count_macs, patched_macs
+    model = timm.create_model('mobilenetv2_100')
+    whole = count_macs(model)
+    assert patched_macs(model, (3, 224, 224), 1, 'blocks.2') == whole  # one patch: the whole map, nothing recomputed
+    four = patched_macs(model, (3, 224, 224), 4, 'blocks.2')
+    assert whole < four < patched_macs(model, (3, 224, 224), 8, 'blocks.2')
+    # the stem conv alone, counted by hand over the 16 crops: 3 x 3 x 3 x 32 MACs per output pixel
+    plan = timm_nlp.patch_based(model, 4, 'conv_stem').plan((3, 224, 224))
+    crops = sum(((b - a) // 2) * ((d - c) // 2) for a, b in plan.in_rows for c, d in plan.in_cols)
+    assert patched_macs(model, (3, 224, 224), 4, 'conv_stem') - whole == 27 * 32 * (crops - 112 * 112)

@@ -87,7 +87,8 @@ def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
 def _profile_json(p, args: argparse.Namespace) -> dict:
     import dataclasses
     return dict(name=p.name, img_size=args.img_size, dtype=args.dtype, accounting=args.accounting,
-                patches=args.patches, split=p.split, params=p.params, macs=p.macs, peak_bytes=p.memory.peak_bytes,
+                patches=args.patches, split=p.split, params=p.params, macs=p.macs, patched_macs=p.patched_macs,
+                peak_bytes=p.memory.peak_bytes,
                 peak_layer=p.memory.peak_layer.name,
                 steps=[dict(dataclasses.asdict(layer), live_bytes=layer.live_bytes) for layer in p.memory.layers])
 
@@ -103,7 +104,8 @@ def _profile(args: argparse.Namespace) -> None:
         return
     execution = f'patch-based ({args.patches}x{args.patches} patches)' if args.patches else 'layer-by-layer'
     for p in profiles if not args.compare else []:
-        split = f', prefix up to {p.split} run patch by patch' if p.split else ''
+        split = f', prefix up to {p.split} run patch by patch: {p.patched_macs / 1e9:.3f} GMACs with the recomputed ' \
+            'halos' if p.split else ''
         print(f'\n{p.name}: {p.params / 1e6:.2f} M params, {p.macs / 1e9:.3f} GMACs, peak activation memory '
               f'{p.memory.peak_bytes / 1024:.1f} KiB at {p.memory.peak_layer.name}, largest map '
               f'{p.memory.largest_map_bytes / 1024:.1f} KiB ({args.img_size}x{args.img_size}, batch 1, {args.dtype}, '
@@ -123,7 +125,12 @@ def _profile(args: argparse.Namespace) -> None:
         print(f'\n{args.img_size}x{args.img_size}, batch 1, {args.dtype}, {args.accounting} accounting, {execution} '
               'execution' + (', against the stock models whole-map' if args.patches else '') + '\n')
         listed = profiles + [bases[b] for b in sorted(set(bases) - names)] if not args.patches else profiles
-        print(markdown_table(header, compare_table(listed, bases)))
+        rows = compare_table(listed, bases)
+        if args.patches:  # the MACs of patch-based execution, with the halos each patch recomputes
+            header.insert(3, 'GMACs, patch-based')
+            for row, p in zip(rows, listed):
+                row.insert(3, f'{p.patched_macs / 1e9:.3f}')
+        print(markdown_table(header, rows))
     if args.plot:
         plot_memory(profiles, args.plot)
         print(f'plot written to {args.plot}')

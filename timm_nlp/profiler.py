@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ModelProfile', 'profile_model',
-    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile', 'measured_peak_bytes',
+    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile', 'patched_macs', 'measured_peak_bytes',
 ]
 
 
@@ -306,6 +306,16 @@ def patched_profile(
     return ActivationProfile(steps + rest.layers, accounting)
 
 
+def patched_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224), patches: int = 4,
+                 split: Optional[str] = None) -> int:
+    """Multiply-accumulates of patch-based execution: every patch's prefix on its crop (the halos recomputed), the
+    first passes of two-pass pools, and the rest of the network (``count_macs`` of the ``patch_based`` module)."""
+    from .patching import PatchBased
+    wrapped = PatchBased(model, patches, split)
+    wrapped.plan(input_size)  # the plan's own meta runs are not part of the execution
+    return count_macs(wrapped, input_size)
+
+
 class _TokenWeights(nn.Module):
     """A non-local importance's attention on a token grid: the second step of its two-pass patch-based execution."""
 
@@ -348,6 +358,7 @@ class ModelProfile:
     memory: ActivationProfile
     stage_prefixes: Tuple[str, ...] = ()
     split: Optional[str] = None
+    patched_macs: Optional[int] = None
 
     @property
     def stage_peak_bytes(self) -> int:
@@ -375,7 +386,7 @@ def profile_model(name: str, img_size: int = 224, dtype: Union[torch.dtype, str]
         memory = activation_profile(model, size, dtype=dtype, accounting=accounting)
     return ModelProfile(name, arch.base_name if arch is not None else name,
                         sum(p.numel() for p in model.parameters()), count_macs(model, size), memory, stages,
-                        split if patches else None)
+                        split if patches else None, patched_macs(model, size, patches, split) if patches else None)
 
 
 def compare_table(profiles: List[ModelProfile], bases: dict) -> List[List[str]]:
