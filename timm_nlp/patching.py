@@ -106,8 +106,9 @@ def _spatial_ops(prefix: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[L
             p = extent // 2 if p == 'same' else 0 if p == 'valid' else p[0]
         else:
             k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+            s = m.stride if isinstance(m.stride, int) else m.stride[0]
             p = m.padding if isinstance(m.padding, int) else m.padding[0]
-            extent = k - 1 if p else 0
+            extent = 0 if k == s and not p else k - 1  # unpadded windows tiling the (aligned) crop reach nothing
         reach.append(max(p, extent - p) * stride_in)
     for m in prefix.modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
