@@ -162,7 +162,8 @@ def patch_plan(model: nn.Module, input_size: Tuple[int, int, int], patches: int,
         raise ValueError(f"split '{split}' is not one of the model's units: {', '.join(units)}.")
     prefix = _Units(model, units[:units.index(split) + 1])
     _check_local(prefix)
-    meta = _meta_copy(prefix)
+    from .profiler import meta_copy
+    meta = meta_copy(prefix, drop_hooks=True)  # the plan's meta runs are not forwards: no user hooks
     C, H, W = input_size
 
     def out_hw(h, w):
@@ -206,23 +207,6 @@ def _shape_only(prefix: nn.Module):
 
 class _Stop(Exception):
     """Ends a token-collecting pass once its non-local pool has its tokens."""
-
-
-def _meta_copy(module: nn.Module) -> nn.Module:
-    """A meta-device copy in eval, without the hooks users registered (the plan's meta runs are not forwards)."""
-    import copy
-    owners = [module] + ([module.__dict__['_model']] if '_model' in module.__dict__ else [])
-    memo = {}
-    for owner in owners:  # tensors are not copied: each becomes an empty meta tensor
-        for t in list(owner.parameters()) + list(owner.buffers()):
-            if id(t) not in memo:
-                meta_t = torch.empty_like(t, device='meta')
-                memo[id(t)] = nn.Parameter(meta_t, t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
-    meta = copy.deepcopy(module, memo).eval()
-    for m in meta.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
-    return meta
 
 
 def _gaussian_pool(inp: torch.Tensor, pool: nn.Module, weight: torch.Tensor) -> torch.Tensor:

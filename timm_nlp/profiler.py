@@ -22,6 +22,25 @@ def _deform_conv2d_flops(x_shape, weight_shape, offset_shape, mask_shape, bias_s
     return 2 * batch * out_ch * out_h * out_w * in_per_group * kh * kw_
 
 
+def meta_copy(module: nn.Module, drop_hooks: bool = False) -> nn.Module:
+    """A copy of ``module`` on the meta device, its parameters and buffers never copied (each becomes an empty meta
+    tensor; those of a ``_model`` it refers to without owning too), in eval mode; ``drop_hooks`` leaves out the
+    forward hooks registered on it."""
+    owners = [module] + ([module.__dict__['_model']] if '_model' in module.__dict__ else [])
+    memo = {}
+    for owner in owners:
+        for t in list(owner.parameters()) + list(owner.buffers()):
+            if id(t) not in memo:
+                meta_t = torch.empty_like(t, device='meta')
+                memo[id(t)] = nn.Parameter(meta_t, t.requires_grad) if isinstance(t, nn.Parameter) else meta_t
+    meta = copy.deepcopy(module, memo).eval()
+    if drop_hooks:
+        for m in meta.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+    return meta
+
+
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224), batch_size: int = 1) -> int:
     """Multiply-accumulates of one forward pass: convolutions, linear layers and matmuls, attention included.
 
@@ -30,7 +49,7 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     convolutions. Element-wise operations, normalisation and pooling are not counted.
     """
     import torchvision.ops  # noqa: F401  registers torch.ops.torchvision
-    meta = copy.deepcopy(model).to('meta').eval()
+    meta = meta_copy(model)
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.torchvision.deform_conv2d: _deform_conv2d_flops})
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
@@ -190,7 +209,7 @@ def activation_profile(
     if accounting not in ACCOUNTINGS:
         raise ValueError(f"accounting '{accounting}' is not one of {', '.join(ACCOUNTINGS)}.")
     itemsize = _itemsize(dtype)
-    meta = copy.deepcopy(model).to(device='meta', dtype=torch.float32).eval()
+    meta = meta_copy(model).to(dtype=torch.float32)
     compound_types = (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)
     folded = accounting != 'layers'
     step_types = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
@@ -328,7 +347,7 @@ class _TokenWeights(nn.Module):
 
 
 def _meta_prefix_output(prefix: nn.Module, input_size: Tuple[int, int, int]) -> torch.Tensor:
-    meta = copy.deepcopy(prefix).to('meta').eval()
+    meta = meta_copy(prefix)
     return meta(torch.empty(1, *input_size, device='meta'))
 
 
