@@ -21,8 +21,8 @@ import torch
 
 from timm_nlp import patch_based
 from timm_nlp.models import create_model
-from timm_nlp.patching import _default_split
-from timm_nlp.profiler import activation_profile, count_macs, measured_peak_bytes, patched_profile
+from timm_nlp.profiler import (
+    activation_profile, count_macs, lowest_patched_profile, measured_peak_bytes, patched_profile)
 from timm_nlp.tools.tables import markdown_table
 
 PAPER = {
@@ -45,10 +45,9 @@ KiB = 1024
 def best_patched(model: torch.nn.Module, size: int, patches: int) -> Optional[tuple]:
     """(int8 peak, split, peak step) of the lowest-peak patch-based execution, None if no prefix can be patched."""
     try:
-        split = _default_split(model, patches, (3, size, size))
+        split, p = lowest_patched_profile(model, (3, size, size), patches, dtype='int8')
     except ValueError:
         return None
-    p = patched_profile(model, (3, size, size), patches, split, dtype='int8', accounting='mcunet')
     return p.peak_bytes, split, p.peak_layer.name
 
 

@@ -22,11 +22,9 @@ COMPARE_PATCHES = 4
 
 def _patched_int8_peak(model, size) -> Optional[int]:
     """The int8 mcunet peak of patch-based execution (4 x 4 patches, the best split), None where none applies."""
-    from .patching import _default_split
-    from .profiler import patched_profile
+    from .profiler import lowest_patched_profile
     try:
-        split = _default_split(model, COMPARE_PATCHES, size)
-        return patched_profile(model, size, COMPARE_PATCHES, split, dtype='int8', accounting='mcunet').peak_bytes
+        return lowest_patched_profile(model, size, COMPARE_PATCHES, dtype='int8')[1].peak_bytes
     except ValueError:
         return None
 

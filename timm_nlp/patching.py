@@ -279,7 +279,10 @@ class PatchBased(nn.Module):
         units = model_units(model)
         self.model = model
         self.patches = patches
-        self.split = split or _default_split(model, patches)
+        if split is None:  # the lowest patch-based peak (mcunet accounting) at 224 x 224
+            from .profiler import lowest_patched_profile
+            split = lowest_patched_profile(model, (3, 224, 224), patches)[0]
+        self.split = split
         if self.split not in units:
             raise ValueError(f"split '{self.split}' is not one of the model's units: {', '.join(units)}.")
         i = units.index(self.split) + 1
@@ -408,23 +411,6 @@ class PatchBased(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.forward_features(x))
-
-
-def _default_split(model: nn.Module, patches: int, input_size: Sequence[int] = (3, 224, 224)) -> str:
-    """The split with the lowest patch-based peak (``mcunet`` accounting) among the units the prefix can reach."""
-    from .profiler import patched_profile
-    best = None
-    for unit in model_units(model):
-        try:
-            peak = patched_profile(model, tuple(input_size), patches, unit).peak_bytes
-        except ValueError:
-            break
-        if best is None or peak < best[0]:
-            best = (peak, unit)
-    if best is None:
-        raise ValueError(f'no prefix of {type(model).__name__} can be run patch by patch: its first unit needs the '
-                         'whole map.')
-    return best[1]
 
 
 def patch_based(model: nn.Module, patches: int = 4, split: Optional[str] = None) -> PatchBased:

@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
     'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ModelProfile', 'profile_model',
-    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile', 'patched_macs', 'measured_peak_bytes',
+    'compare_table', 'plot_memory', 'ACCOUNTINGS', 'patched_profile', 'lowest_patched_profile', 'patched_macs',
+    'measured_peak_bytes',
 ]
 
 
@@ -325,6 +326,30 @@ def patched_profile(
     return ActivationProfile(steps + rest.layers, accounting)
 
 
+def lowest_patched_profile(
+        model: nn.Module,
+        input_size: Tuple[int, int, int] = (3, 224, 224),
+        patches: int = 4,
+        dtype: Union[torch.dtype, str] = torch.float32,
+        accounting: str = 'mcunet',
+) -> Tuple[str, ActivationProfile]:
+    """The split with the lowest patch-based peak among the units the prefix can reach (the first of equal ones),
+    and its ``patched_profile``; a ValueError if not even the first unit can be run patch by patch."""
+    from .patching import model_units
+    best = None
+    for unit in model_units(model):
+        try:
+            profile = patched_profile(model, input_size, patches, unit, dtype=dtype, accounting=accounting)
+        except ValueError:  # this unit needs the whole map (or has too few rows), and so do all later ones
+            break
+        if best is None or profile.peak_bytes < best[1].peak_bytes:
+            best = (unit, profile)
+    if best is None:
+        raise ValueError(f'no prefix of {type(model).__name__} can be run patch by patch: its first unit needs the '
+                         'whole map.')
+    return best
+
+
 def patched_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224), patches: int = 4,
                  split: Optional[str] = None) -> int:
     """Multiply-accumulates of patch-based execution: every patch's prefix on its crop (the halos recomputed), the
@@ -391,15 +416,17 @@ def profile_model(name: str, img_size: int = 224, dtype: Union[torch.dtype, str]
     """Params, MACs and activation memory of a model (any timm name or architecture string), built on the meta
     device; with ``patches``, of patch-based execution (``patched_profile``; ``split`` by default the lowest peak)."""
     from timm_nlp.models import create_model
-    from timm_nlp.patching import _default_split
     model = create_model(name, device='meta')
     arch = getattr(model, 'arch', None)
     size = (3, img_size, img_size)
     stems = ('act1', 'stem', 'bn1', 'conv1', 'conv_stem')
     stages = tuple(sorted({f['module'].split('.')[0] + '.' if f['module'].startswith(('stages.', 'blocks.'))
                            else f['module'] for f in model.feature_info if not f['module'].startswith(stems)}))
-    if patches:
-        split = split or _default_split(model, patches, size)
+    if patches and split is None:  # the split with the lowest mcunet peak, whatever the accounting counted
+        split, memory = lowest_patched_profile(model, size, patches, dtype=dtype)
+        if accounting != 'mcunet':
+            memory = patched_profile(model, size, patches, split, dtype=dtype, accounting=accounting)
+    elif patches:
         memory = patched_profile(model, size, patches, split, dtype=dtype, accounting=accounting)
     else:
         memory = activation_profile(model, size, dtype=dtype, accounting=accounting)
