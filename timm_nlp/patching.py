@@ -302,6 +302,17 @@ class PatchBased(nn.Module):
             for (p0, p1), (b0, b1) in zip(plan.out_cols, plan.in_cols):
                 yield (o0, o1, p0, p1), (a0, a1, b0, b1)
 
+    def _first_pass(self, x: torch.Tensor, plan: PatchPlan, forwards: dict, crop: list, own: list) -> None:
+        """Every patch's prefix up to a collecting forward (which raises ``_Stop``), with ``crop`` the patch's input
+        crop and ``own`` its output ranges while it runs."""
+        with _replaced_forwards(self.prefix, forwards, crop):
+            for outs, window in self._patches(plan):
+                crop[:], own[:] = [window], [outs]
+                try:
+                    self.prefix(x[:, :, window[0]:window[1], window[2]:window[3]])
+                except _Stop:
+                    pass
+
     def _collect_tokens(self, x: torch.Tensor, plan: PatchPlan, nl: NonLocalPass, apply: dict) -> torch.Tensor:
         """The embedded tokens of the non-local pool ``nl`` over the whole map, each from a patch in which its halo is
         complete (earlier non-local pools applying their token weights)."""
@@ -329,13 +340,7 @@ class PatchBased(nn.Module):
             tokens[0][:, :, r0:r1, c0:c1] = t[:, :, r0 - g0:r1 - g0, c0 - h0:c1 - h0]
             covered[r0:r1, c0:c1] = True
             raise _Stop
-        with _replaced_forwards(self.prefix, dict(apply, **{nl.name: collect}), crop):
-            for _, window in self._patches(plan):
-                crop[:] = [window]
-                try:
-                    self.prefix(x[:, :, window[0]:window[1], window[2]:window[3]])
-                except _Stop:
-                    pass
+        self._first_pass(x, plan, dict(apply, **{nl.name: collect}), crop, [])
         assert bool(covered.all()), f'tokens of {nl.name} left uncovered by the patches: the halo is too small'
         return tokens[0]
 
@@ -346,22 +351,18 @@ class PatchBased(nn.Module):
         crop: List[Tuple[int, int, int, int]] = []
         own: List[Tuple[int, int, int, int]] = []
 
+        s = plan.stride // si
+        last_row, last_col = plan.out_rows[-1][1], plan.out_cols[-1][1]
+
         def collect(inp: torch.Tensor) -> torch.Tensor:
-            (a0, _, b0, _), (r0, r1, c0, c1) = crop[0], own[0]
+            (a0, _, b0, _), (o0, o1, p0, p1) = crop[0], own[0]
+            # the patch's own part of the pool's input (the last row and column of patches to the map's end)
+            r0, r1 = o0 * s, nl.in_size[0] if o1 == last_row else o1 * s
+            c0, c1 = p0 * s, nl.in_size[1] if p1 == last_col else p1 * s
             part = inp[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
             total.append(part.to(torch.promote_types(part.dtype, torch.float32)).sum((2, 3), keepdim=True))
             raise _Stop
-        last_row, last_col = plan.out_rows[-1][1], plan.out_cols[-1][1]
-        with _replaced_forwards(self.prefix, dict(apply, **{nl.name: collect}), crop):
-            for (o0, o1, p0, p1), window in self._patches(plan):
-                crop[:] = [window]
-                s = plan.stride // si
-                own[:] = [(o0 * s, nl.in_size[0] if o1 == last_row else o1 * s,
-                           p0 * s, nl.in_size[1] if p1 == last_col else p1 * s)]
-                try:
-                    self.prefix(x[:, :, window[0]:window[1], window[2]:window[3]])
-                except _Stop:
-                    pass
+        self._first_pass(x, plan, dict(apply, **{nl.name: collect}), crop, own)
         return torch.stack(total).sum(0) / (nl.in_size[0] * nl.in_size[1])
 
     def _token_weights(self, x: torch.Tensor, plan: PatchPlan) -> dict:
