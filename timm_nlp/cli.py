@@ -159,6 +159,7 @@ def _stl10(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .profiler import ACCOUNTINGS, DTYPES
     from .trainer import add_train_args, positive_int
     parser = argparse.ArgumentParser(prog='timm-nlp', description='Self-Attentive Pooling for timm.')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -172,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')
     p.add_argument('models', nargs='+', help='registered model names (stock timm names too)')
     p.add_argument('--img-size', type=positive_int, default=224)
-    p.add_argument('--dtype', default='float32', choices=['float32', 'float16', 'bfloat16', 'int8'],
-                   help='bytes per activation element: 4, 2, 2 or 1')
-    p.add_argument('--accounting', default='layers', choices=['layers', 'mcunet', 'inplace-dw'],
+    p.add_argument('--dtype', default='float32', choices=list(DTYPES),
+                   help='bytes per activation element: ' + ', '.join(f'{k} {v}' for k, v in DTYPES.items()))
+    p.add_argument('--accounting', default='layers', choices=ACCOUNTINGS,
                    help='layers: every leaf module a step; mcunet: MCUNet\'s rule (norms and activations folded into '
                         'their conv, residual inputs held); inplace-dw: mcunet with in-place depthwise convs')
     p.add_argument('--patches', type=positive_int, default=None,
