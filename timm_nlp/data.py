@@ -98,7 +98,7 @@ def dataset_targets(dataset: Dataset) -> List[int]:
     reader = getattr(dataset, 'reader', None)
     if reader is not None and hasattr(reader, 'samples'):
         return [t for _, t in reader.samples]
-    raise ValueError(f'{type(dataset).__name__} does not list its targets: --train-subset needs them.')
+    raise ValueError(f'{type(dataset).__name__} does not list its targets: a class-balanced subset needs them.')
 
 
 class TransformSubset(Subset):
@@ -178,7 +178,6 @@ class DigitsDataset(_GreyImages):
             from sklearn.model_selection import train_test_split
         except ImportError as e:
             raise ImportError('The default digits dataset needs scikit-learn: pip install "timm-nlp[train]"') from e
-        import numpy as np
         digits = load_digits()
         idx = np.arange(len(digits.target))
         train_idx, val_idx = train_test_split(idx, test_size=0.2, random_state=0, stratify=digits.target)
