@@ -190,8 +190,8 @@ def main() -> None:
           f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.3f}", f"{r['peak_kib']:.0f}", f"{r['int8_kib']:.1f}",
           f"{stock[r['backbone']]['int8_kib'] / r['int8_kib']:.2f}x" if r['backbone'] in stock else '-']
          for r in rows]))
-    print('\nPer backbone and first-stage stride, the best method by mean best-epoch top-1, and those within the seeds\' '
-          'spread of it (|mean difference| <= the sum of the two standard deviations):')
+    print('\nPer backbone and first-stage stride, the best method by mean best-epoch top-1, and those within the '
+          'seeds\' spread of it (|mean difference| <= the sum of the two standard deviations):')
     for backbone in args.backbones:
         for stride in args.strides:
             group = {r['method']: r['best_values'] for r in rows if r['backbone'] == backbone and r['stride'] == stride}
