@@ -33,7 +33,7 @@ class PaperFormulationPool(nn.Module):
 
     def __init__(self, pool: nn.Module):
         super().__init__()
-        nl = pool.nlp
+        nl = pool.non_local
         assert not nl.deformable and pool.local is None, 'the paper formulation here covers nlp pools'
         self.pool, self.nl = pool, nl
         self.mha = nn.MultiheadAttention(nl.embed_dim, nl.attn.num_heads, batch_first=True)

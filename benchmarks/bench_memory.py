@@ -21,8 +21,8 @@ import torch
 
 from timm_nlp import patch_based
 from timm_nlp.models import create_model
-from timm_nlp.profiler import (
-    activation_profile, count_macs, lowest_patched_profile, measured_peak_bytes, patched_profile)
+from timm_nlp.patching import lowest_patched_profile, patched_profile
+from timm_nlp.profiler import activation_profile, count_macs, measured_peak_bytes
 from timm_nlp.tools.tables import markdown_table
 
 PAPER = {

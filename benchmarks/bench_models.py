@@ -42,7 +42,7 @@ def paper_formulation(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose non-local pooling layers compute as the paper's code does (same weights)."""
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, WeightedPool2d) and module.nlp is not None:
+        if isinstance(module, WeightedPool2d) and module.non_local is not None:
             parent, _, child = name.rpartition('.')
             setattr(model.get_submodule(parent) if parent else model, child, PaperFormulationPool(module))
     return model

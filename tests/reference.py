@@ -112,14 +112,14 @@ class PlainNlpPool(nn.Module):
     def __init__(self, pool: WeightedPool2d):
         super().__init__()
         self.pool = pool
-        nl = pool.nlp
+        nl = pool.non_local
         self.mha = nn.MultiheadAttention(nl.embed_dim, nl.attn.num_heads, batch_first=True)
         self.mha.in_proj_weight = nl.attn.qkv.weight
         self.mha.in_proj_bias = nl.attn.qkv.bias
         self.mha.out_proj = nl.attn.proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pool, nl = self.pool, self.pool.nlp
+        pool, nl = self.pool, self.pool.non_local
         B, C, H, W = x.shape
         p = nl.patch_size
         xe = F.pad(x, (0, max(0, p - W), 0, max(0, p - H)))

@@ -117,7 +117,7 @@ def test_nlp_matches_plain_formulation(name, size, stride, kwargs, train):
     torch.manual_seed(0)
     m = create_pool2d(name, 32, stride, **kwargs)
     randomize_model(m)
-    assert m.nlp.attn.fused_attn, 'the optimised path must run through F.scaled_dot_product_attention'
+    assert m.non_local.attn.fused_attn, 'the optimised path must run through F.scaled_dot_product_attention'
     ref = PlainNlpPool(m)
     m.train(train), ref.train(train)
     x = torch.randn(2, 32, *size)
@@ -226,8 +226,8 @@ def test_deformable_embedding_and_resampling_are_the_identity_at_zero_offsets():
         state = {key.replace('patch_embed.conv.', 'patch_embed.'): v for key, v in pool.state_dict().items()
                  if 'patch_embed.offset' not in key and 'patch_embed.mask' not in key}
         with torch.no_grad():
-            state['nlp.patch_embed.weight'] = state['nlp.patch_embed.weight'] * 0.5
-            state['nlp.patch_embed.bias'] = torch.zeros(plain.nlp.embed_dim, dtype=torch.float64)
+            state['non_local.patch_embed.weight'] = state['non_local.patch_embed.weight'] * 0.5
+            state['non_local.patch_embed.bias'] = torch.zeros(plain.non_local.embed_dim, dtype=torch.float64)
             plain.load_state_dict(state)
             torch.testing.assert_close(pool(x), plain(x), rtol=1e-10, atol=1e-10)
 
@@ -291,9 +291,9 @@ def test_stage_defaults_follow_the_paper_code():
     assert nlp_embed_dim(160, 1., 64) == 128 and nlp_embed_dim(96, 1., 64) == 128 and nlp_embed_dim(320, 1, 128) == 256
     assert nlp_embed_dim(8, 0.25, 8) == 8 and nlp_embed_dim(64, 0.25, 8) == 16
     m = create_pool2d('nlp', 64, 2)
-    assert (m.nlp.patch_size, m.nlp.attn.num_heads, m.nlp.embed_dim) == (1, 4, 64)
+    assert (m.non_local.patch_size, m.non_local.attn.num_heads, m.non_local.embed_dim) == (1, 4, 64)
     m = create_pool2d('mixp_reduced', 64, 2)
-    assert m.nlp.patch_size == 4 and m.local.conv.kernel_size == (4, 4) and m.local.conv.padding == 'same'
+    assert m.non_local.patch_size == 4 and m.local.conv.kernel_size == (4, 4) and m.local.conv.padding == 'same'
 
 
 def test_gaussian_pool_eval_deterministic_train_stochastic():

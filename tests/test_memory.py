@@ -12,8 +12,8 @@ from timm.models.resnet import BasicBlock
 from torch import nn
 
 import timm_nlp
-from timm_nlp.patching import PatchBased, model_units, patch_plan
-from timm_nlp.profiler import activation_profile, patched_profile
+from timm_nlp.patching import PatchBased, model_units, patch_plan, patched_profile
+from timm_nlp.profiler import activation_profile
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ def test_a_smaller_halo_breaks_the_equality():
         p = full(input_size)
         rows = [(max(0, o0 * p.stride), min(input_size[1], o1 * p.stride)) for o0, o1 in p.out_rows]
         cols = [(max(0, o0 * p.stride), min(input_size[2], o1 * p.stride)) for o0, o1 in p.out_cols]
-        return type(p)(p.split, p.stride, 0, p.out_size, p.out_rows, p.out_cols, rows, cols, p.in_size, p.non_local)
+        return type(p)(p.split, p.stride, 0, p.out_size, p.out_rows, p.out_cols, rows, cols, p.in_size, p.two_pass)
     patched.plan = no_halo
     with torch.no_grad():
         ref = model.forward_features(x)
@@ -244,11 +244,11 @@ def test_two_pass_profile_holds_tokens_and_weights():
     steps = {layer.name: layer for layer in profile.layers}
     tokens = 64 * 112 * 112  # the p = 2 token grid of the 224 x 224 stem output, embed dim 64
     assert steps['nlp-pass:conv1'].held_bytes == tokens
-    qkv = steps['attention:maxpool.nlp.attn.qkv']
+    qkv = steps['attention:maxpool.non_local.attn.qkv']
     assert (qkv.in_bytes, qkv.out_bytes) == (tokens, 3 * tokens)
     weights, assembled = 64 * 112 * 112, 64 * 56 * 56
     assert steps['patch:conv1'].held_bytes == weights + assembled
-    assert not any(name.startswith('patch:maxpool.nlp') for name in steps)  # no attention per patch
+    assert not any(name.startswith('patch:maxpool.non_local') for name in steps)  # no attention per patch
 
 
 def test_profile_cli_json_int8_and_patches():
@@ -297,7 +297,8 @@ def test_counts_against_the_measured_peak_of_real_execution():
 
 
 def test_patched_macs_count_the_recomputed_halos():
-    from timm_nlp.profiler import count_macs, patched_macs
+    from timm_nlp.patching import patched_macs
+    from timm_nlp.profiler import count_macs
     model = timm.create_model('mobilenetv2_100')
     whole = count_macs(model)
     assert patched_macs(model, (3, 224, 224), 1, 'blocks.2') == whole  # one patch: the whole map, nothing recomputed

@@ -112,7 +112,7 @@ def test_pools_sit_where_the_paper_code_puts_them():
     model = timm.create_model('resnet50_nlp_headfix2_4222')
     assert _child_names(model.layer1) == ['0', '1', '2', 'pool'] and model.layer1.pool.stride == 4
     assert model.layer1[0].conv2.stride == (1, 1) and model.layer1[0].downsample[0].stride == (1, 1)
-    assert model.layer1.pool.channels == 256 and model.layer1.pool.nlp.attn.num_heads == 2
+    assert model.layer1.pool.channels == 256 and model.layer1.pool.non_local.attn.num_heads == 2
     model = timm.create_model('resnet18_lip_2222')
     assert model.layer1[0].downsample is None and model.layer2[0].downsample[0].stride == (1, 1)
     # _v2: on the first block's output; the paper's code keeps the projection its nominal stride makes, at stride 1
@@ -126,8 +126,8 @@ def test_pools_sit_where_the_paper_code_puts_them():
     assert isinstance(model.maxpool, WindowMaxPool2d) and model.maxpool.stride == 2  # the paper's stem: kernel 2
     # heads by stage index, reduced patch sizes by stage
     model = timm.create_model('resnet18_nlp_reduced_2222')
-    assert [model.get_submodule(f'layer{i}.pool').nlp.patch_size for i in (1, 2, 3, 4)] == [4, 2, 1, 1]
-    assert [model.get_submodule(f'layer{i}.pool').nlp.attn.num_heads for i in (1, 2, 3, 4)] == [4, 8, 16, 32]
+    assert [model.get_submodule(f'layer{i}.pool').non_local.patch_size for i in (1, 2, 3, 4)] == [4, 2, 1, 1]
+    assert [model.get_submodule(f'layer{i}.pool').non_local.attn.num_heads for i in (1, 2, 3, 4)] == [4, 8, 16, 32]
     # mobilenet_v2: on the first block's output; mobilenet: before the first block, on the stage input
     model = timm.create_model('mobilenetv2_lip_4222121')
     assert _child_names(model.blocks[0]) == ['0', 'pool'] and model.blocks[0][0].conv_dw.stride == (1, 1)
@@ -135,8 +135,8 @@ def test_pools_sit_where_the_paper_code_puts_them():
     assert _child_names(model.blocks[4]) == ['0', '1', '2'] and model.blocks[4][0].conv_dw.stride == (1, 1)
     model = timm.create_model('mobilenetv2b0_nlp_2222121')
     assert _child_names(model.blocks[1]) == ['pool', '0', '1'] and model.blocks[1].pool.channels == 16
-    assert model.blocks[0].pool.channels == 32 and model.blocks[5].pool.nlp.attn.num_heads == 64
-    assert model.blocks[5].pool.nlp.embed_dim == 128  # 96 channels, 64 heads: round(1.5) = 2 per head
+    assert model.blocks[0].pool.channels == 32 and model.blocks[5].pool.non_local.attn.num_heads == 64
+    assert model.blocks[5].pool.non_local.embed_dim == 128  # 96 channels, 64 heads: round(1.5) = 2 per head
     model = timm.create_model('mobilenetv2_skip_4222121')
     assert model.blocks[0][0].conv_dw.stride == (4, 4) and not hasattr(model.blocks[0], 'pool')
 
@@ -169,7 +169,7 @@ def test_dynamic_variant_converts_every_conv_the_paper_code_does():
     model = timm.create_model('dymobilenetv2_dfmixp_2222121')
     assert all(not isinstance(m, nn.Conv2d) for m in model.modules())
     assert isinstance(model.blocks[1][0].conv_dw, DynamicConv2d) and model.blocks[1][0].conv_dw.groups == 96
-    assert isinstance(model.blocks[0].pool.nlp.patch_embed.conv, DynamicConv2d)
+    assert isinstance(model.blocks[0].pool.non_local.patch_embed.conv, DynamicConv2d)
     assert isinstance(model.blocks[0].pool.local.conv, DynamicConv2d)
     # LIP's and Gaussian pooling's convs stay static, as in the paper's code
     for name in ('dyresnet18_lip_2222', 'dyresnet18_gaussian_pool_2222'):
@@ -198,10 +198,11 @@ def test_prepool_replaces_the_stem_downsampling():
     assert model.conv1.stride == (4, 4) and isinstance(model.maxpool, nn.Identity)
     # pre-pool defaults: p 2, 8 heads; reduced: p = S, ratio 1/4; MobileNetV2's stem norm-act is followed by it
     model = timm_nlp.create_model('prepool-nlp-6-resnet18-skip-1222')
-    assert (model.maxpool.nlp.patch_size, model.maxpool.nlp.attn.num_heads, model.maxpool.nlp.embed_dim) == (2, 8, 64)
+    nl = model.maxpool.non_local
+    assert (nl.patch_size, nl.attn.num_heads, nl.embed_dim) == (2, 8, 64)
     model = timm_nlp.create_model('prepool-nlp_reduced-4-mobilenet_v2-skip-1222121').eval()
     pool = model.bn1.act.pool
-    assert model.conv_stem.stride == (1, 1) and (pool.nlp.patch_size, pool.nlp.embed_dim) == (4, 8)
+    assert model.conv_stem.stride == (1, 1) and (pool.non_local.patch_size, pool.non_local.embed_dim) == (4, 8)
     with torch.no_grad():
         assert model.bn1(model.conv_stem(torch.randn(1, 3, 30, 30))).shape[-2:] == (7, 7)
     model = timm_nlp.create_model('prepool-avgp-2-mobilenet-skip-1222121')
@@ -232,7 +233,7 @@ def test_paper_init():
     conv = getattr(model.blocks[2], '1').conv_pw  # blocks[2][1] is the stage's pool
     std = (2 / conv.out_channels) ** 0.5  # normal(0, sqrt(2 / (k * k * out)))
     assert 0.9 * std < conv.weight.std() < 1.1 * std
-    nl = model.blocks[0].pool.nlp
+    nl = model.blocks[0].pool.non_local
     assert nl.attn.qkv.bias.abs().max() == 0 and nl.attn.proj.bias.abs().max() == 0
     assert nl.restore.bias.abs().max() == 0 and 0 <= nl.pos_embed.row_embed.weight.min()
     e = nl.embed_dim

@@ -102,8 +102,9 @@ def test_converter_errors_name_the_problem(caplog):
     with pytest.raises(PaperCheckpointError, match=r'does not match resnet18-nlp-2222: \d+ unexpected, 0 mismatched, '
                                                    r'\d+ missing tensors: unexpected layer1\.pool\.logit'):
         convert_paper_state_dict(ref.state_dict(), 'resnet18-nlp-2222')
-    with pytest.raises(PaperCheckpointError, match=r'0 unexpected, 2 mismatched, 0 missing tensors: layer1\.pool\.nlp'
-                                                   r'\.patch_embed\.weight \(64, 64, 1, 1\) vs model \(64, 64, 4, 4\)'):
+    with pytest.raises(PaperCheckpointError, match=r'0 unexpected, 2 mismatched, 0 missing tensors: layer1\.pool\.'
+                                                   r'non_local\.patch_embed\.weight \(64, 64, 1, 1\) vs model '
+                                                   r'\(64, 64, 4, 4\)'):
         convert_paper_state_dict(pr.build_reference('resnet18-nlp-2222').state_dict(), 'resnet18-nlp_reduced-2222')
     # the paper code's mixp is its dfmixp network
     paper_mixp = pr.build_reference('resnet18-dfmixp-2222').state_dict()

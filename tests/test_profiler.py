@@ -7,7 +7,8 @@ from torch.nn import functional as F
 
 import timm_nlp  # noqa: F401
 from timm_nlp.layers import DeformConv2d, DynamicConv2d, create_pool2d
-from timm_nlp.profiler import activation_profile, count_macs, profile_model
+from timm_nlp.profiler import activation_profile, count_macs
+from timm_nlp.tools.profile import profile_model
 
 
 def test_conv_and_linear_macs():
@@ -72,10 +73,10 @@ def _independent_count(model, x):
     for name, m in model.named_modules():
         if isinstance(m, (WeightedPool2d, GaussianPool2d, DynamicConv2d, DeformConv2d)):
             hooks.append(m.register_forward_pre_hook(enter))
-            if isinstance(m, WeightedPool2d) and m.local is not None and m.nlp is not None:
-                hooks.append(m.nlp.register_forward_hook(lambda mod, i, o: held.append(o)))
-            if isinstance(m, WeightedPool2d) and m.nlp is not None:
-                hooks.append(m.nlp.restore_norm.register_forward_hook(
+            if isinstance(m, WeightedPool2d) and m.local is not None and m.non_local is not None:
+                hooks.append(m.non_local.register_forward_hook(lambda mod, i, o: held.append(o)))
+            if isinstance(m, WeightedPool2d) and m.non_local is not None:
+                hooks.append(m.non_local.restore_norm.register_forward_hook(
                     lambda mod, i, o, name=name: maps.__setitem__(name, o)))
             if isinstance(m, DeformConv2d):
                 hooks.append(m.offset.register_forward_hook(lambda mod, i, o, name=name: maps.__setitem__(name, o)))
@@ -125,11 +126,11 @@ def test_maps_computed_before_a_pools_branch_are_held_and_maps_are_not_summed():
     mixp = activation_profile(timm.create_model('resnet18_mixp_2222', device='meta'), (3, 64, 64)).layers
     norm = next(s for s in mixp if s.name == 'layer1.pool.local.norm')
     assert norm.held_bytes == 2 * 64 * 16 * 16 * 4  # the pool's input and its non-local map
-    assert next(s for s in mixp if s.name == 'layer1.pool.nlp.attn.qkv').held_bytes == 64 * 16 * 16 * 4
+    assert next(s for s in mixp if s.name == 'layer1.pool.non_local.attn.qkv').held_bytes == 64 * 16 * 16 * 4
     # a pool weighting after pooling computes the pooled map first
     name = 'resnet18_nlp_headfix2_nowin_reduced_2222'
     nowin = activation_profile(timm.create_model(name, device='meta'), (3, 64, 64)).layers
-    embed = next(s for s in nowin if s.name == 'layer1.pool.nlp.patch_embed')
+    embed = next(s for s in nowin if s.name == 'layer1.pool.non_local.patch_embed')
     assert embed.held_bytes == 64 * 8 * 8 * 4
     # the largest map is one tensor: a pool's importance map is not added to its output
     profile = activation_profile(timm_nlp.create_model('prepool-lip-4-resnet18-skip-1222'), (3, 64, 64))
@@ -159,10 +160,10 @@ def test_pool_input_is_counted_once():
     the steps of its branch hold it."""
     profile = activation_profile(timm_nlp.create_model('prepool-nlp_headfix2-4-resnet18-skip-1222', device='meta'),
                                  (3, 128, 128))
-    embed = next(s for s in profile.layers if s.name == 'maxpool.nlp.patch_embed')
+    embed = next(s for s in profile.layers if s.name == 'maxpool.non_local.patch_embed')
     stem = 64 * 128 * 128 * 4
     assert embed.held_bytes == 0 and embed.live_bytes == stem + 64 * 64 * 64 * 4
-    assert next(s for s in profile.layers if s.name == 'maxpool.nlp.norm').held_bytes == stem
+    assert next(s for s in profile.layers if s.name == 'maxpool.non_local.norm').held_bytes == stem
     pool = next(s for s in profile.layers if s.name == 'maxpool')
     assert (pool.in_bytes, pool.operand_bytes, pool.out_bytes) == (stem, stem, 64 * 32 * 32 * 4)
     assert (profile.peak_bytes, profile.peak_layer.name) == (2 * stem + 64 * 32 * 32 * 4, 'maxpool')

@@ -22,7 +22,7 @@ COMPARE_PATCHES = 4
 
 def _patched_int8_peak(model, size) -> Optional[int]:
     """The int8 mcunet peak of patch-based execution (4 x 4 patches, the best split), None where none applies."""
-    from .profiler import lowest_patched_profile
+    from .patching import lowest_patched_profile
     try:
         return lowest_patched_profile(model, size, COMPARE_PATCHES, dtype='int8')[1].peak_bytes
     except ValueError:
@@ -93,7 +93,7 @@ def _profile_json(p, args: argparse.Namespace) -> dict:
 
 def _profile(args: argparse.Namespace) -> None:
     import json
-    from .profiler import compare_table, plot_memory, profile_model
+    from .tools.profile import compare_table, plot_memory, profile_model
     from .tools.tables import markdown_table
     kw = dict(dtype=args.dtype, accounting=args.accounting, patches=args.patches, split=args.split)
     profiles = [profile_model(name, args.img_size, **kw) for name in args.models]

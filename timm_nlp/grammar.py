@@ -212,6 +212,14 @@ class ArchSpec:
         return (self.prepool_stride,) if self.prepool is not None else self.spec.stem_strides
 
     @property
+    def stem_conv_stride(self) -> int:
+        """The stride of the stem conv: the stock one, or under a pre-pool S for ``prepool-skip-S-`` (the conv takes
+        the stride) and 1 for any other pre-pool (the pool takes it)."""
+        if self.prepool is None:
+            return self.spec.stem_strides[0]
+        return self.prepool_stride if self.prepool.method == 'skip' else 1
+
+    @property
     def reductions(self) -> Tuple[int, ...]:
         """Nominal reduction after the stem and after every stage."""
         r = 1

@@ -2,104 +2,77 @@
 n x n grid of overlapping input patches, each with the halo its receptive field needs, the prefix's output assembled,
 the rest of the network run on it as usual. Only one patch's activations and the assembled output are live in the
 prefix, which is where layer-by-layer execution peaks.
+
+The layers say how they run patch by patch (``timm_nlp.layers.protocol``): local, refused, or in two passes (a
+non-local pool's tokens embedded patch by patch and its attention run once on the token grid; a Gaussian pool's mean
+summed patch by patch). Their costs, counted as the profiler counts a step, are ``patched_profile`` and
+``patched_macs``.
 """
-import contextlib
-import functools
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ['patch_based', 'PatchBased', 'PatchPlan', 'patch_plan', 'model_units']
+from ._modules import Units, meta_copy, model_units, substituted
+from .layers.protocol import CompoundLayer, PoolLayer, ShapeOnly
+from .profiler import ActivationProfile, activation_profile, count_macs, itemsize_of
+
+__all__ = [
+    'patch_based', 'PatchBased', 'PatchPlan', 'TwoPass', 'patch_plan', 'model_units', 'patched_profile',
+    'lowest_patched_profile', 'patched_macs',
+]
+
+# modules of timm and torch that pool the whole map (the layers of timm-nlp say so themselves)
+_WHOLE_MAP_TYPES = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_WHOLE_MAP_NAMES = ('SqueezeExcite', 'SEModule', 'EffectiveSEModule', 'SelectAdaptivePool2d')
 
 
-def model_units(model: nn.Module) -> List[str]:
-    """The names of the modules that ``model.forward_features`` runs one after the other (timm's ResNet and
-    EfficientNet/MobileNetV2 layouts)."""
-    if hasattr(model, 'layer1') and hasattr(model, 'conv1'):
-        names = ['conv1', 'bn1', 'act1', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4']
-    elif hasattr(model, 'conv_stem') and hasattr(model, 'blocks'):
-        names = ['conv_stem', 'bn1'] + [f'blocks.{i}' for i in range(len(model.blocks))] + ['conv_head', 'bn2']
-    else:
-        raise TypeError(f'patch-based execution takes timm ResNet and EfficientNet/MobileNetV2 models, not '
-                        f'{type(model).__name__}.')
-    return [n for n in names if _has(model, n)]
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def _check_local(prefix: nn.Module) -> None:
-    """Raise if a layer of the prefix needs more than a bounded neighbourhood of its input."""
-    from .layers import DeformConv2d, DynamicConv2d, GaussianPool2d, WeightedPool2d
+def _check_patchable(prefix: nn.Module) -> None:
+    """Raise if a layer of the prefix needs more than a bounded neighbourhood of its input or two passes."""
     for name, m in prefix.named_modules():
         why = None
-        if isinstance(m, WeightedPool2d) and m.nlp is not None:
-            if m.local is not None:
-                why = "mixp's local term is not run patch by patch"
-            elif m.nlp.deformable:
-                why = 'its deformable embedding samples at unbounded offsets'
-            elif m.nlp.patch_size == 1:
-                why = 'its attention mixes the tokens of the full-resolution map (p = 1)'
-            elif m.nlp.dynamic:
-                why = 'its dynamic restore conv is routed by the mean of the whole map'
-            elif m.ceil_mode:
-                why = 'its ceil-mode windows are not run patch by patch'
-            else:
-                why = None
-        elif isinstance(m, GaussianPool2d) and m.ceil_mode:
-            why = 'its ceil-mode windows are not run patch by patch'
-        elif isinstance(m, DynamicConv2d):
-            why = 'its kernel mixture is routed by a global average of its input'
-        elif isinstance(m, DeformConv2d):
-            why = 'its sampling offsets are unbounded'
-        elif isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or type(m).__name__ in (
-                'SqueezeExcite', 'SEModule', 'EffectiveSEModule', 'SelectAdaptivePool2d'):
+        if isinstance(m, CompoundLayer):
+            support = m.patch_support()
+            why = support.reason if support.mode == 'whole-map' else None
+        elif isinstance(m, _WHOLE_MAP_TYPES) or type(m).__name__ in _WHOLE_MAP_NAMES:
             why = 'it pools the whole map'
         if why:
             raise ValueError(f"the prefix cannot be run patch by patch exactly: '{name}' ({type(m).__name__}) needs "
                              f'the whole map: {why}. Choose an earlier split.')
 
 
+def _two_pass_pools(module: nn.Module) -> Dict[str, PoolLayer]:
+    return {n: m for n, m in module.named_modules()
+            if isinstance(m, PoolLayer) and m.patch_support().mode == 'two-pass'}
+
+
 @dataclass
-class NonLocalPass:
-    """A pool of the prefix with a global branch, run in two passes: a non-local pool's tokens embedded patch by
-    patch (each token from a patch in which its halo is complete), then attention on the assembled token grid; a
-    Gaussian pool's mean of its input summed patch by patch (each patch its own part), then its global branch;
-    then the pooling, patch by patch, with those weights."""
+class TwoPass:
+    """A pool of the prefix run in two passes: its name, label and token size, its input's stride in image pixels,
+    its input size, and how far the zero padding of the layers before it reaches (image pixels)."""
     name: str
-    kind: str
+    label: str
+    token_size: int
     stride_in: int
     in_size: Tuple[int, int]
     halo_before: int
-    patch_size: int
 
 
-def _spatial_ops(prefix: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[List[int], List[NonLocalPass]]:
-    """Of every padded op of the prefix in execution order (a meta forward): how far, in image pixels, the zero padding
-    at an inner edge of a crop reaches into its output (its padding on one side, its extent less the padding on the
-    other, times its input's stride); and the prefix's non-local pools."""
-    from .layers import GaussianPool2d, WeightedPool2d
-    reach, pools, hooks = [], [], []
+def _spatial_ops(prefix: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[List[int], List[TwoPass]]:
+    """Of every padded op of the meta ``prefix`` in execution order (a meta forward, its two-pass pools shape-only): how
+    far, in image pixels, the zero padding at an inner edge of a crop reaches into its output (its padding on one
+    side, its extent less the padding on the other, times its input's stride); and the prefix's two-pass pools."""
+    pools = _two_pass_pools(prefix)
+    view = substituted(prefix, {n: ShapeOnly(p) for n, p in pools.items()})
+    reach: List[int] = []
+    found: List[TwoPass] = []
     H = input_size[1]
-    names = {m: n for n, m in prefix.named_modules()}
 
     def record(m, inputs, output):
         stride_in = H // inputs[0].shape[-2]
-        if isinstance(m, (WeightedPool2d, GaussianPool2d)):  # windows of its stride, no padding: no halo of its own
-            nlp = isinstance(m, WeightedPool2d)
-            pools.append(NonLocalPass(names[m], 'nlp' if nlp else 'gaussian', stride_in, tuple(inputs[0].shape[-2:]),
-                                      sum(reach), m.nlp.patch_size if nlp else 1))
-            return
         if isinstance(m, nn.Conv2d):
             k, d, p = m.kernel_size[0], m.dilation[0], m.padding
             extent = (k - 1) * d
@@ -110,22 +83,33 @@ def _spatial_ops(prefix: nn.Module, input_size: Tuple[int, int, int]) -> Tuple[L
             p = m.padding if isinstance(m.padding, int) else m.padding[0]
             extent = 0 if k == s and not p else k - 1  # unpadded windows tiling the (aligned) crop reach nothing
         reach.append(max(p, extent - p) * stride_in)
-    for m in prefix.modules():
+
+    def pool_hook(name: str):
+        def hook(m, inputs):  # a pool's windows of its stride have no padding: no halo of its own
+            support = pools[name].patch_support()
+            found.append(TwoPass(name, support.label, support.token_size, H // inputs[0].shape[-2],
+                                 tuple(inputs[0].shape[-2:]), sum(reach)))
+        return hook
+    hooks = []
+    for name, m in view.named_modules():
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
             hooks.append(m.register_forward_hook(record))
-        elif isinstance(m, GaussianPool2d) or isinstance(m, WeightedPool2d) and m.nlp is not None:
-            hooks.append(m.register_forward_pre_hook(lambda m, inputs: record(m, inputs, None)))
-    with torch.no_grad():
-        prefix(torch.empty(1, *input_size, device='meta'))
-    for h in hooks:
-        h.remove()
-    return reach, pools
+        elif isinstance(m, ShapeOnly):
+            hooks.append(m.register_forward_pre_hook(pool_hook(name)))
+    try:
+        with torch.no_grad():
+            view(torch.empty(1, *input_size, device='meta'))
+    finally:
+        for h in hooks:
+            h.remove()
+    return reach, found
 
 
 @dataclass
 class PatchPlan:
     """Where the patches of a prefix lie: the output ranges of each row and column of patches and the input crops
-    that compute them (rows and columns alike, as (start, end) pairs), the prefix's stride and halo."""
+    that compute them (rows and columns alike, as (start, end) pairs), the prefix's stride and halo, and its two-pass
+    pools."""
     split: str
     stride: int
     halo: int
@@ -135,12 +119,18 @@ class PatchPlan:
     in_rows: List[Tuple[int, int]]
     in_cols: List[Tuple[int, int]]
     in_size: Tuple[int, int] = (0, 0)
-    non_local: Tuple[NonLocalPass, ...] = ()
+    two_pass: Tuple[TwoPass, ...] = ()
 
     @property
     def max_patch(self) -> Tuple[int, int]:
         """The largest input crop, rows by columns."""
         return max(b - a for a, b in self.in_rows), max(b - a for a, b in self.in_cols)
+
+    def patches(self) -> Iterator[Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]]:
+        """Every patch, row by row: its output ranges (rows, columns) and its input crop."""
+        for (o0, o1), (a0, a1) in zip(self.out_rows, self.in_rows):
+            for (p0, p1), (b0, b1) in zip(self.out_cols, self.in_cols):
+                yield (o0, o1, p0, p1), (a0, a1, b0, b1)
 
 
 def _ranges(n_out: int, patches: int, stride: int, halo: int, n_in: int, align: int
@@ -155,111 +145,89 @@ def _ranges(n_out: int, patches: int, stride: int, halo: int, n_in: int, align: 
     return outs, ins
 
 
-def patch_plan(model: nn.Module, input_size: Tuple[int, int, int], patches: int, split: str) -> PatchPlan:
-    """The patches of ``model``'s prefix up to and including the unit ``split`` for one input size."""
+def _check_patches(patches: int) -> None:
+    if patches < 1:
+        raise ValueError(f'patches must be at least 1, not {patches}.')
+
+
+def _prefix(model: nn.Module, split: str) -> Units:
     units = model_units(model)
     if split not in units:
         raise ValueError(f"split '{split}' is not one of the model's units: {', '.join(units)}.")
-    prefix = _Units(model, units[:units.index(split) + 1])
-    _check_local(prefix)
-    from .profiler import meta_copy
+    return Units(model, units[:units.index(split) + 1])
+
+
+def patch_plan(model: nn.Module, input_size: Tuple[int, int, int], patches: int, split: str) -> PatchPlan:
+    """The patches of ``model``'s prefix up to and including the unit ``split`` for one input size."""
+    prefix = _prefix(model, split)
+    _check_patchable(prefix)
     meta = meta_copy(prefix, drop_hooks=True)  # the plan's meta runs are not forwards: no user hooks
+    shapes = substituted(meta, {n: ShapeOnly(p) for n, p in _two_pass_pools(meta).items()})
     C, H, W = input_size
 
     def out_hw(h, w):
-        with torch.no_grad(), _shape_only(meta):
-            return meta(torch.empty(1, C, h, w, device='meta')).shape[-2:]
+        with torch.no_grad():
+            return shapes(torch.empty(1, C, h, w, device='meta')).shape[-2:]
     big = 64 * max(H, W)
     h1, h2 = out_hw(big, big)[0], out_hw(2 * big, 2 * big)[0]
     stride = round(big / (h2 - h1))
-    with _shape_only(meta):
-        reach, pools = _spatial_ops(meta, (C, big, big))
-        sized = {p.name: p for p in _spatial_ops(meta, input_size)[1]}
-    # crops start (and, inside the map, end) on a grid of the prefix's stride and of every non-local pool's tokens
-    align = math.lcm(stride, *[p.patch_size * p.stride_in for p in pools])
-    halo = max([sum(reach)] + [p.halo_before + p.patch_size * p.stride_in for p in pools])
+    reach, pools = _spatial_ops(meta, (C, big, big))
+    sized = {p.name: p for p in _spatial_ops(meta, input_size)[1]}
+    # crops start (and, inside the map, end) on a grid of the prefix's stride and of every two-pass pool's tokens
+    align = math.lcm(stride, *[p.token_size * p.stride_in for p in pools])
+    halo = max([sum(reach)] + [p.halo_before + p.token_size * p.stride_in for p in pools])
     halo = -(-halo // align) * align
     Ho, Wo = out_hw(H, W)
-    non_local = []
+    two_pass = []
     for p in pools:  # at this input size, the token grid must tile the map
         hp, wp = sized[p.name].in_size
-        q = p.patch_size
+        q = p.token_size
         if hp % q or wp % q:
             raise ValueError(f"the prefix cannot be run patch by patch exactly: the {q} x {q} tokens of '{p.name}' "
                              f'do not tile its {hp} x {wp} input. Choose an input size or split that they tile.')
-        non_local.append(dataclasses.replace(p, in_size=(hp, wp)))
+        two_pass.append(dataclasses.replace(p, in_size=(hp, wp)))
     out_rows, in_rows = _ranges(Ho, patches, stride, halo, H, align)
     out_cols, in_cols = _ranges(Wo, patches, stride, halo, W, align)
-    return PatchPlan(split, stride, halo, (Ho, Wo), out_rows, out_cols, in_rows, in_cols, (H, W), tuple(non_local))
+    return PatchPlan(split, stride, halo, (Ho, Wo), out_rows, out_cols, in_rows, in_cols, (H, W), tuple(two_pass))
 
 
-@contextlib.contextmanager
-def _shape_only(prefix: nn.Module):
-    """Non-local and Gaussian pools computed as window averages (the same output shape, no attention): for the plan's
-    meta runs at any size."""
-    from .layers import GaussianPool2d, WeightedPool2d, window_avg_pool2d
-    pools = {n: m for n, m in prefix.named_modules()
-             if isinstance(m, GaussianPool2d) or isinstance(m, WeightedPool2d) and m.nlp is not None}
-    with _replaced_forwards(prefix, {n: (lambda inp, m=m: window_avg_pool2d(inp, m.stride)) for n, m in pools.items()},
-                            []):
-        yield
+class _PatchPool(nn.Module):
+    """A two-pass pool on the current patch: ``pool.pool_patch`` with the global state, the crop's origin set per
+    patch."""
 
-
-class _Stop(Exception):
-    """Ends a token-collecting pass once its non-local pool has its tokens."""
-
-
-def _gaussian_pool(inp: torch.Tensor, pool: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """A Gaussian pool in eval with its global branch's ``softplus(MU)`` given: ``mean + W * std`` of every window."""
-    from .layers import window_avg_pool2d
-    from .layers.gaussian_pool import _window_variance
-    xf = inp.to(torch.promote_types(inp.dtype, torch.float32))
-    mean = window_avg_pool2d(xf, pool.stride)
-    std = _window_variance(xf, mean, pool.stride, False).clamp(min=pool.eps).sqrt()
-    return (mean + weight * std).to(inp.dtype)
-
-
-@contextlib.contextmanager
-def _replaced_forwards(prefix: nn.Module, forwards: dict, crop: list):
-    """Replace the forward of the named modules of ``prefix`` (each a function of the input and the current crop)."""
-    modules = {name: prefix.get_submodule(name) for name in forwards}
-    try:
-        for name, m in modules.items():
-            fn = forwards[name]
-            m.forward = (lambda inp, fn=fn: fn(inp, crop=crop)) if 'crop' in inspect.signature(fn).parameters \
-                else fn
-        yield
-    finally:
-        for m in modules.values():
-            m.__dict__.pop('forward', None)
-
-
-class _Units(nn.Module):
-    """Units of ``model`` run one after the other, registered under their own names (so that profiles name them as
-    the model does), then, with ``head``, the model's ``forward_head`` (its head modules registered too)."""
-
-    def __init__(self, model: nn.Module, units: Sequence[str], head: bool = False):
+    def __init__(self, pool: PoolLayer, state: torch.Tensor, stride_in: int):
         super().__init__()
-        self.units = list(units)
-        for name in self.units:
-            parent = self
-            *path, leaf = name.split('.')
-            for part in path:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, model.get_submodule(name))
-        self.head = head
-        if head:
-            for name, child in model.named_children():
-                if name not in {u.split('.')[0] for u in model_units(model)} and not hasattr(self, name):
-                    self.add_module(name, child)
-        self.__dict__['_model'] = model  # not a child: its head modules are, under their names
+        self.__dict__['pool'] = pool  # not a child: it runs through pool_patch, not as a module
+        self.state, self.stride_in = state, stride_in
+        self.origin = (0, 0)  # the crop's origin in image pixels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.units:
-            x = self.get_submodule(name)(x)
-        return self._model.forward_head(x) if self.head else x
+        return self.pool.pool_patch(x, self.state, (self.origin[0] // self.stride_in, self.origin[1] // self.stride_in))
+
+
+def _until(prefix: Units, name: str) -> Tuple[Units, Optional[str]]:
+    """The part of ``prefix`` that computes the input of its module ``name``: the units before it, expanded through
+    ``nn.Sequential`` containers down to the module itself; where a container of another kind holds it, that container
+    too (then the module's path in the result, for an identity stand-in: it must be that container's last step)."""
+    model = prefix._model
+    steps: List[str] = []
+    for unit in prefix.units:
+        if name != unit and not name.startswith(unit + '.'):
+            steps.append(unit)
+            continue
+        path = unit
+        while path != name:
+            container = model.get_submodule(path)
+            if not isinstance(container, nn.Sequential):
+                return Units(model, steps + [path]), name
+            child = name[len(path) + 1:].split('.')[0]
+            for sub in container._modules:
+                if sub == child:
+                    break
+                steps.append(f'{path}.{sub}')
+            path = f'{path}.{child}'
+        return Units(model, steps), None
+    raise KeyError(name)
 
 
 class PatchBased(nn.Module):
@@ -271,25 +239,18 @@ class PatchBased(nn.Module):
     inner edges reaches only outputs that are discarded. Modules are shared with ``model`` (no copy); inference only.
     """
 
-    def __init__(self, model: nn.Module, patches: int = 4, split: Optional[str] = None):
+    def __init__(self, model: nn.Module, patches: int, split: str):
         super().__init__()
         self.train(model.training)
-        if patches < 1:
-            raise ValueError(f'patches must be at least 1, not {patches}.')
-        units = model_units(model)
+        _check_patches(patches)
         self.model = model
         self.patches = patches
-        if split is None:  # the lowest patch-based peak (mcunet accounting) at 224 x 224
-            from .profiler import lowest_patched_profile
-            split = lowest_patched_profile(model, (3, 224, 224), patches)[0]
         self.split = split
-        if self.split not in units:
-            raise ValueError(f"split '{self.split}' is not one of the model's units: {', '.join(units)}.")
-        i = units.index(self.split) + 1
-        self._plans = {}
-        self.prefix = _Units(model, units[:i])
-        self.rest = _Units(model, units[i:])
-        _check_local(self.prefix)
+        self.prefix = _prefix(model, split)
+        units = model_units(model)
+        self.rest = Units(model, units[units.index(split) + 1:])
+        _check_patchable(self.prefix)
+        self._plans: Dict[Tuple[int, int, int], PatchPlan] = {}
 
     def plan(self, input_size: Tuple[int, int, int]) -> PatchPlan:
         """The patches for one input size (computed once per size)."""
@@ -297,121 +258,157 @@ class PatchBased(nn.Module):
             self._plans[input_size] = patch_plan(self.model, input_size, self.patches, self.split)
         return self._plans[input_size]
 
-    def _patches(self, plan: PatchPlan):
-        for (o0, o1), (a0, a1) in zip(plan.out_rows, plan.in_rows):
-            for (p0, p1), (b0, b1) in zip(plan.out_cols, plan.in_cols):
-                yield (o0, o1, p0, p1), (a0, a1, b0, b1)
-
-    def _first_pass(self, x: torch.Tensor, plan: PatchPlan, forwards: dict, crop: list, own: list) -> None:
-        """Every patch's prefix up to a collecting forward (which raises ``_Stop``), with ``crop`` the patch's input
-        crop and ``own`` its output ranges while it runs."""
-        with _replaced_forwards(self.prefix, forwards, crop):
-            for outs, window in self._patches(plan):
-                crop[:], own[:] = [window], [outs]
-                try:
-                    self.prefix(x[:, :, window[0]:window[1], window[2]:window[3]])
-                except _Stop:
-                    pass
-
-    def _collect_tokens(self, x: torch.Tensor, plan: PatchPlan, nl: NonLocalPass, apply: dict) -> torch.Tensor:
-        """The embedded tokens of the non-local pool ``nl`` over the whole map, each from a patch in which its halo is
-        complete (earlier non-local pools applying their token weights)."""
-        pool = self.prefix.get_submodule(nl.name)
-        q, si = nl.patch_size, nl.stride_in
-        H, W = plan.in_size
-        tokens: List[Optional[torch.Tensor]] = [None]
-        covered = torch.zeros(nl.in_size[0] // q, nl.in_size[1] // q, dtype=torch.bool)
-        crop: List[Tuple[int, int, int, int]] = []
-
-        def valid(g0: int, n: int, a: int, b: int, size: int) -> Tuple[int, int]:
-            lo = a + nl.halo_before if a > 0 else 0
-            hi = b - nl.halo_before if b < size else size + q * si
-            first = max(g0, -(-lo // (q * si)))
-            return first, max(first, min(g0 + n, hi // (q * si)))
-
-        def collect(inp: torch.Tensor) -> torch.Tensor:
-            t, _ = pool.nlp._embed(inp)
-            a0, a1, b0, b1 = crop[0]
-            g0, h0 = a0 // si // q, b0 // si // q
-            r0, r1 = valid(g0, t.shape[-2], a0, a1, H)
-            c0, c1 = valid(h0, t.shape[-1], b0, b1, W)
-            if tokens[0] is None:
-                tokens[0] = t.new_empty(t.shape[0], t.shape[1], *covered.shape)
-            tokens[0][:, :, r0:r1, c0:c1] = t[:, :, r0 - g0:r1 - g0, c0 - h0:c1 - h0]
-            covered[r0:r1, c0:c1] = True
-            raise _Stop
-        self._first_pass(x, plan, dict(apply, **{nl.name: collect}), crop, [])
-        assert bool(covered.all()), f'tokens of {nl.name} left uncovered by the patches: the halo is too small'
-        return tokens[0]
-
-    def _collect_mean(self, x: torch.Tensor, plan: PatchPlan, nl: NonLocalPass, apply: dict) -> torch.Tensor:
-        """The mean of a Gaussian pool's input over the whole map, each patch summing its own part."""
-        si = nl.stride_in
-        total: List[torch.Tensor] = []
-        crop: List[Tuple[int, int, int, int]] = []
-        own: List[Tuple[int, int, int, int]] = []
-
-        s = plan.stride // si
+    def _first_pass(self, x: torch.Tensor, plan: PatchPlan, tp: TwoPass, done: Dict[str, _PatchPool]) -> torch.Tensor:
+        """The global state of the two-pass pool ``tp``: its first pass on every patch's own region of its input (the
+        patch's output ranges scaled to the pool's input, the last row and column to the map's end, widened to whole
+        tokens: the halo covers them), the earlier two-pass pools applying their states."""
+        pool: PoolLayer = self.prefix.get_submodule(tp.name)
+        until, capture = _until(self.prefix, tp.name)
+        captured: List[torch.Tensor] = []
+        stand_ins: Dict[str, nn.Module] = dict(done)
+        if capture is not None:
+            stand_ins[capture] = nn.Identity()
+        run = substituted(until, {n: m for n, m in stand_ins.items() if _has_path(until, n)})
+        if capture is not None:
+            hook = run.get_submodule(capture).register_forward_hook(lambda m, i, o: captured.append(o))
+        q, si, s = tp.token_size, tp.stride_in, plan.stride // tp.stride_in
+        Hp, Wp = tp.in_size
         last_row, last_col = plan.out_rows[-1][1], plan.out_cols[-1][1]
-
-        def collect(inp: torch.Tensor) -> torch.Tensor:
-            (a0, _, b0, _), (o0, o1, p0, p1) = crop[0], own[0]
-            # the patch's own part of the pool's input (the last row and column of patches to the map's end)
-            r0, r1 = o0 * s, nl.in_size[0] if o1 == last_row else o1 * s
-            c0, c1 = p0 * s, nl.in_size[1] if p1 == last_col else p1 * s
-            part = inp[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
-            total.append(part.to(torch.promote_types(part.dtype, torch.float32)).sum((2, 3), keepdim=True))
-            raise _Stop
-        self._first_pass(x, plan, dict(apply, **{nl.name: collect}), crop, own)
-        return torch.stack(total).sum(0) / (nl.in_size[0] * nl.in_size[1])
-
-    def _token_weights(self, x: torch.Tensor, plan: PatchPlan) -> dict:
-        """The pooling functions of the two-pass pools of the prefix, with the weights of the whole map."""
-        from .layers import upsample_nearest, weighted_pool2d, window_avg_pool2d
-        apply = {}
-        for nl in plan.non_local:
-            pool = self.prefix.get_submodule(nl.name)
-            if nl.kind == 'gaussian':
-                mean = self._collect_mean(x, plan, nl, apply)
-                softplus = torch.nn.functional.softplus(pool.mu(pool.hidden(mean.to(x.dtype))))
-                apply[nl.name] = functools.partial(_gaussian_pool, pool=pool, weight=softplus)
-                continue
-            t = self._collect_tokens(x, plan, nl, apply)
-            weights = pool.nlp.weights_of_tokens(t, nl.in_size)
-            constant = pool.patches_of_windows  # the whole map is tiled by its tokens (checked by the plan)
-
-            def pooled(inp: torch.Tensor, pool=pool, nl=nl, weights=weights, constant=constant, crop=None):
-                a0, _, b0, _ = crop[0]
-                q, si = nl.patch_size, nl.stride_in
-                g0, h0 = a0 // si // q, b0 // si // q
-                w = weights[:, :, g0:g0 + inp.shape[-2] // q, h0:h0 + inp.shape[-1] // q]
-                if constant and pool.win_norm:  # as the pool itself computes it: the weights cancel
-                    return window_avg_pool2d(inp, pool.stride)
-                return weighted_pool2d(inp, upsample_nearest(w, (inp.shape[-2], inp.shape[-1])), pool.stride,
-                                       pool.win_norm)
-            apply[nl.name] = pooled
-        return apply
+        parts = []
+        try:
+            for (o0, o1, p0, p1), (a0, a1, b0, b1) in plan.patches():
+                for m in done.values():
+                    m.origin = (a0, b0)
+                out = run(x[:, :, a0:a1, b0:b1])
+                if capture is not None:
+                    if captured[-1] is not out:
+                        raise ValueError(f"'{tp.name}' is not the last step of the module that holds it: it cannot "
+                                         'be run in two passes.')
+                    captured.clear()
+                r0, r1 = o0 * s // q * q, Hp if o1 == last_row else -(-o1 * s // q) * q
+                c0, c1 = p0 * s // q * q, Wp if p1 == last_col else -(-p1 * s // q) * q
+                region = out[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
+                parts.append(((r0, c0), pool.first_pass(region)))
+        finally:
+            if capture is not None:
+                hook.remove()
+        return pool.global_state(parts, tp.in_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.model.training:
             raise RuntimeError('patch-based execution is for inference: call .eval() first (batch norms in training '
                                'mode use the statistics of each patch).')
         plan = self.plan(tuple(x.shape[1:]))
-        apply = self._token_weights(x, plan)
+        done: Dict[str, _PatchPool] = {}
+        for tp in plan.two_pass:
+            done[tp.name] = _PatchPool(self.prefix.get_submodule(tp.name), self._first_pass(x, plan, tp, done),
+                                       tp.stride_in)
+        prefix = substituted(self.prefix, done)
         out = None
         s = plan.stride
-        crop: List[Tuple[int, int, int, int]] = []
-        with _replaced_forwards(self.prefix, apply, crop):
-            for (o0, o1, p0, p1), (a0, a1, b0, b1) in self._patches(plan):
-                crop[:] = [(a0, a1, b0, b1)]
-                y = self.prefix(x[:, :, a0:a1, b0:b1])
-                if out is None:
-                    out = y.new_empty(y.shape[0], y.shape[1], *plan.out_size)
-                out[:, :, o0:o1, p0:p1] = y[:, :, o0 - a0 // s:o1 - a0 // s, p0 - b0 // s:p1 - b0 // s]
+        for (o0, o1, p0, p1), (a0, a1, b0, b1) in plan.patches():
+            for m in done.values():
+                m.origin = (a0, b0)
+            y = prefix(x[:, :, a0:a1, b0:b1])
+            if out is None:
+                out = y.new_empty(y.shape[0], y.shape[1], *plan.out_size)
+            out[:, :, o0:o1, p0:p1] = y[:, :, o0 - a0 // s:o1 - a0 // s, p0 - b0 // s:p1 - b0 // s]
         return self.rest(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.forward_features(x))
+
+
+def _has_path(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def patched_profile(
+        model: nn.Module,
+        input_size: Tuple[int, int, int] = (3, 224, 224),
+        patches: int = 4,
+        split: Optional[str] = None,
+        dtype: Union[torch.dtype, str] = torch.float32,
+        accounting: str = 'mcunet',
+) -> ActivationProfile:
+    """Activation memory of patch-based execution (``patch_based``), counted as ``activation_profile`` counts a step.
+
+    The prefix's steps run on the largest patch (its input crop, rows and columns each the largest of the plan),
+    each also holding the prefix's output map being assembled, then the rest of the network runs on the assembled
+    map. A two-pass pool of the prefix adds a first pass (the steps before it on the largest patch, holding what it
+    assembles: a non-local pool's token grid, a Gaussian pool's per-channel sums), then its global step (a non-local
+    pool's attention on the whole token grid); every later step holds its global state (token weights), and its
+    pooling step counts no attention of its own. The input image is read patch by patch (only the crop is counted, as
+    MCUNetV2 counts it)."""
+    if split is None:
+        return lowest_patched_profile(model, input_size, patches, dtype, accounting)[1]
+    wrapped = PatchBased(model, patches, split)
+    plan = wrapped.plan(input_size)
+    h, w = plan.max_patch
+    itemsize = itemsize_of(dtype)
+    first = activation_profile(wrapped.prefix, (input_size[0], h, w), dtype=dtype, accounting=accounting)
+    with torch.no_grad():
+        out_chs = meta_copy(wrapped.prefix)(torch.empty(1, input_size[0], h, w, device='meta')).shape[1]
+    steps, state = [], 0
+    names = [tp.name for tp in plan.two_pass]
+    for tp in plan.two_pass:
+        pool: PoolLayer = wrapped.prefix.get_submodule(tp.name)
+        assembled, state_numel = pool.two_pass_numel(tp.in_size)
+        before = first.layers[:next((i for i, layer in enumerate(first.layers) if layer.name.startswith(tp.name)),
+                                    len(first.layers))]
+        steps += [dataclasses.replace(layer, name=f'{tp.label}-pass:{layer.name}',
+                                      held_bytes=layer.held_bytes + (assembled + state) * itemsize)
+                  for layer in before]
+        global_step = pool.global_step(tp.in_size)
+        if global_step is not None:
+            module, shape = global_step
+            profile = activation_profile(module, shape, dtype=dtype, accounting=accounting)
+            steps += [dataclasses.replace(layer, name=f'attention:{tp.name}.{layer.name}',
+                                          held_bytes=layer.held_bytes + state * itemsize) for layer in profile.layers]
+        state += state_numel
+    assembled = out_chs * plan.out_size[0] * plan.out_size[1] * itemsize
+    steps += [dataclasses.replace(layer, name=f'patch:{layer.name}',
+                                  held_bytes=layer.held_bytes + assembled + state * itemsize)
+              for layer in first.layers if not any(layer.name.startswith(f'{n}.') for n in names)]
+    rest = activation_profile(Units(model, wrapped.rest.units, head=True), (out_chs, *plan.out_size), dtype=dtype,
+                              accounting=accounting)
+    return ActivationProfile(steps + rest.layers, accounting)
+
+
+def lowest_patched_profile(
+        model: nn.Module,
+        input_size: Tuple[int, int, int] = (3, 224, 224),
+        patches: int = 4,
+        dtype: Union[torch.dtype, str] = torch.float32,
+        accounting: str = 'mcunet',
+) -> Tuple[str, ActivationProfile]:
+    """The split with the lowest patch-based peak among the units the prefix can reach (the first of equal ones),
+    and its ``patched_profile``; a ValueError if not even the first unit can be run patch by patch."""
+    best = None
+    for unit in model_units(model):
+        try:
+            profile = patched_profile(model, input_size, patches, unit, dtype=dtype, accounting=accounting)
+        except ValueError:  # this unit needs the whole map (or has too few rows), and so do all later ones
+            break
+        if best is None or profile.peak_bytes < best[1].peak_bytes:
+            best = (unit, profile)
+    if best is None:
+        raise ValueError(f'no prefix of {type(model).__name__} can be run patch by patch: its first unit needs the '
+                         'whole map.')
+    return best
+
+
+def patched_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224), patches: int = 4,
+                 split: Optional[str] = None) -> int:
+    """Multiply-accumulates of patch-based execution: every patch's prefix on its crop (the halos recomputed), the
+    first passes of two-pass pools, and the rest of the network (``count_macs`` of the ``patch_based`` module)."""
+    wrapped = patch_based(model, patches, split)
+    wrapped.plan(input_size)  # the plan's own meta runs are not part of the execution
+    return count_macs(wrapped, input_size)
 
 
 def patch_based(model: nn.Module, patches: int = 4, split: Optional[str] = None) -> PatchBased:
@@ -421,10 +418,14 @@ def patch_based(model: nn.Module, patches: int = 4, split: Optional[str] = None)
         model: a timm ResNet or MobileNetV2 (stock or one of timm-nlp's), in eval mode.
         patches: patches a side.
         split: the last unit of the prefix (``timm_nlp.patching.model_units(model)``: e.g. ``'layer1'``,
-            ``'blocks.2'``); by default the one with the lowest patch-based peak at 224 x 224.
+            ``'blocks.2'``); by default the one with the lowest patch-based peak (mcunet accounting) at 224 x 224.
 
     Returns:
         A module with ``model``'s outputs (the same modules, no copy). A prefix with a layer that needs the whole
-        map (attention, Gaussian pooling's global branch, dynamic convolutions) raises a ValueError naming it.
+        map (attention over full-resolution tokens, dynamic convolutions, squeeze-excitation) raises a ValueError
+        naming it.
     """
+    _check_patches(patches)
+    if split is None:
+        split = lowest_patched_profile(model, (3, 224, 224), patches)[0]
     return PatchBased(model, patches, split)

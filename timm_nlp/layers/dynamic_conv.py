@@ -12,6 +12,8 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .protocol import CompoundLayer, PatchSupport
+
 __all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature']
 
 PaddingArg = Union[int, str]
@@ -30,7 +32,7 @@ def _same_padding(kernel_size: int, dilation: int = 1) -> Tuple[int, int]:
 
 
 @register_notrace_module
-class DynamicConv2d(nn.Module):
+class DynamicConv2d(CompoundLayer):
     """Convolution whose kernel is ``sum_k pi_k(x) W_k``.
 
     The per-sample kernels run as one grouped convolution over the batch. With ``batch_agnostic`` set (ONNX export
@@ -129,6 +131,9 @@ class DynamicConv2d(nn.Module):
         if self.bias is None:
             return None
         return (attn @ self.bias).flatten()
+
+    def patch_support(self) -> PatchSupport:
+        return PatchSupport.whole_map('its kernel mixture is routed by a global average of its input')
 
     def _forward_batch_agnostic(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         K, G = self.num_kernels, self.groups

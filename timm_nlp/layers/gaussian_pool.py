@@ -1,6 +1,6 @@
 """Gaussian-based pooling (Kobayashi, NeurIPS 2019), as the Self-Attentive Pooling paper's code builds it."""
 from collections import OrderedDict
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .protocol import PatchSupport, PoolLayer
 from .window_pool import window_avg_pool2d
 
 __all__ = ['GaussianPool2d']
@@ -30,13 +31,16 @@ def _window_variance(x: torch.Tensor, mean: torch.Tensor, s: int, ceil_mode: boo
 
 
 @register_notrace_module
-class GaussianPool2d(nn.Module):
+class GaussianPool2d(PoolLayer):
     """``y = mean + W * std`` of each ``s x s`` window.
 
     ``W = softplus(MU)`` in eval (deterministic) and ``softplus(MU + SIGMA * eps)`` in training, ``eps ~ N(0, 1)`` per
     output element, where ``MU = BN(conv(Z))``, ``SIGMA = sigmoid(BN(conv(Z)))`` and ``Z = ReLU(BN(conv(GAP(x))))``
     (C -> C/2 -> C, 1x1 convs with bias). ``std = sqrt(max(var, eps))``; the window moments are computed in at least
     fp32, the variance in two passes (``E[x^2] - E[x]^2`` cancels away most of a small window variance).
+
+    Patch by patch it runs in two passes: the global average of its input summed region by region, then its global
+    branch once, then the windows of every patch with that branch's ``softplus(MU)``.
     """
 
     def __init__(self, channels: int, stride: int = 2, eps: float = 1e-6, ceil_mode: bool = False,
@@ -58,19 +62,51 @@ class GaussianPool2d(nn.Module):
         self.sigma = nn.Sequential(OrderedDict([
             ('conv', nn.Conv2d(hidden, channels, 1, **dd)), ('bn', nn.BatchNorm2d(channels, **dd))]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 'GaussianPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
-        s = self.stride
+
+    def _moments(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The mean and the standard deviation of every window of ``x``, in at least fp32."""
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        mean = window_avg_pool2d(xf, s, self.ceil_mode)
-        std = _window_variance(xf, mean, s, self.ceil_mode).clamp(min=self.eps).sqrt()
+        mean = window_avg_pool2d(xf, self.stride, self.ceil_mode)
+        return mean, _window_variance(xf, mean, self.stride, self.ceil_mode).clamp(min=self.eps).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        mean, std = self._moments(x)
         z = self.hidden(x.mean((2, 3), keepdim=True))
         eta = self.mu(z)
         if self.training:
             eta = eta + self.sigma(z).sigmoid() * torch.randn_like(mean)
         return (mean + F.softplus(eta) * std).to(x.dtype)
+
+    def patch_support(self) -> PatchSupport:
+        if self.ceil_mode:
+            return PatchSupport.whole_map('its ceil-mode windows are not run patch by patch')
+        return PatchSupport.two_pass('gaussian')
+
+    def first_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel sum of a region (at least fp32)."""
+        return x.to(torch.promote_types(x.dtype, torch.float32)).sum((2, 3), keepdim=True)
+
+    def global_state(self, parts: List[Tuple[Tuple[int, int], torch.Tensor]], in_size: Tuple[int, int]
+                     ) -> torch.Tensor:
+        """``softplus(MU)`` of the global average (the regions partition the input)."""
+        total: Optional[torch.Tensor] = None
+        for _, part in parts:
+            total = part if total is None else total + part
+        assert total is not None
+        mean = total / (in_size[0] * in_size[1])
+        return F.softplus(self.mu(self.hidden(mean.to(self.mu.conv.weight.dtype))))
+
+    def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
+        mean, std = self._moments(x)
+        return (mean + state * std).to(x.dtype)
+
+    def two_pass_numel(self, in_size: Tuple[int, int]) -> Tuple[int, int]:
+        return self.channels, self.channels
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, stride={self.stride}'

@@ -19,6 +19,7 @@ from torchvision.ops import deform_conv2d
 from timm.layers import Attention
 
 from .dynamic_conv import DynamicConv2d
+from .protocol import CompoundLayer, PatchSupport
 
 __all__ = [
     'DeformConv2d', 'LearnedPosEmbed2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'nearest_index',
@@ -119,7 +120,7 @@ class LearnedPosEmbed2d(nn.Module):
         return torch.cat((col, row), 0)[None]
 
 
-class DeformConv2d(nn.Module):
+class DeformConv2d(CompoundLayer):
     """Modulated deformable convolution (DCNv2) with kernel = stride = k and no padding, the patch embedding of
     dfmnlp: offsets (2 k^2 channels, torchvision's layout) and mask (k^2) from convs 3x3, stride k, pad 1; the
     sampling is ``torchvision.ops.deform_conv2d`` with the mask.
@@ -154,6 +155,17 @@ class DeformConv2d(nn.Module):
         for m in (self.offset, self.mask):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def step_output(self, output: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return output[0]
+
+    def operand_numel(self, x: torch.Tensor, out: torch.Tensor) -> int:
+        """The offsets and the mask it samples with: ``3 k^2`` values per output position."""
+        B, _, H, W = out.shape
+        return B * 3 * self.kernel_size * self.kernel_size * H * W
+
+    def patch_support(self) -> PatchSupport:
+        return PatchSupport.whole_map('its sampling offsets are unbounded')
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The embedding ``(B, out, H // k, W // k)`` and the offsets it sampled with."""
@@ -245,7 +257,8 @@ class SelfAttentiveImportance(nn.Module):
         nn.init.zeros_(self.attn.qkv.bias)
         nn.init.zeros_(self.attn.proj.bias)
 
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The embedded tokens ``(B, E, H // p, W // p)`` of ``x`` and, if deformable, the offsets it sampled at."""
         p = self.patch_size
         H, W = x.shape[-2], x.shape[-1]
         if H < p or W < p:
@@ -304,7 +317,7 @@ class SelfAttentiveImportance(nn.Module):
     def token_weights(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The weights of every token ``(B, C, h, w)`` (the map is their nearest up-sampling to ``x``'s size, then,
         if deformable, re-sampled at the offsets, which are returned too)."""
-        t, offset = self._embed(x)
+        t, offset = self.embed(x)
         return self.weights_of_tokens(t, (x.shape[-2], x.shape[-1])), offset
 
     def weights_of_tokens(self, t: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

@@ -3,17 +3,33 @@
 An importance map ``w > 0`` weights every activation before an ``s x s`` average pool:
 ``y = avgpool(x * w) / avgpool(w)`` (window normalisation) or ``y = avgpool(x * w)`` (``nowin``).
 """
-from typing import Any, Dict, Final, Optional
+import re
+from typing import Any, Dict, Final, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from timm.layers import register_notrace_module
 
+from .protocol import PatchSupport, PoolLayer
 from .self_attn_pool import ConvLayer, SelfAttentiveImportance, upsample_nearest
 from .window_pool import window_avg_pool2d
 
-__all__ = ['weighted_pool2d', 'LocalImportance', 'WeightedPool2d']
+__all__ = ['weighted_pool2d', 'LocalImportance', 'WeightedPool2d', 'rename_legacy_keys']
+
+# the non-local importance was the child ``nlp`` before it was named for what it is
+_LEGACY_KEY = re.compile(r'(^|\.)nlp\.')
+
+
+def rename_legacy_keys(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` with the keys of a weighted pool's non-local importance as written by earlier versions
+    (``...pool.nlp.*``) renamed to today's (``...pool.non_local.*``)."""
+    return {_LEGACY_KEY.sub(r'\1non_local.', k): v for k, v in state_dict.items()}
+
+
+def _load_legacy_keys(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + 'nlp.')]:
+        state_dict[prefix + 'non_local.' + key[len(prefix) + 4:]] = state_dict.pop(key)
 
 
 def weighted_pool2d(x: torch.Tensor, weight: torch.Tensor, stride: int, win_norm: bool = True,
@@ -48,8 +64,12 @@ class LocalImportance(nn.Module):
 
 
 @register_notrace_module
-class WeightedPool2d(nn.Module):
+class WeightedPool2d(PoolLayer):
     """Importance-weighted pooling with a local (lip), non-local (nlp, dfmnlp) or mixed (product) importance.
+
+    Patch by patch (``PoolLayer``): a local-only pool (lip) runs locally; a non-local pool of tokens larger than a pixel
+    in two passes (the tokens embedded region by region, attention once over the whole token grid, then the pooling
+    of every patch with its token weights); mixp, deformable, dynamic, ceil-mode and p = 1 pools need the whole map.
 
     Args:
         channels: Channels of the pooled map.
@@ -84,12 +104,14 @@ class WeightedPool2d(nn.Module):
         self.win_norm = win_norm
         self.ceil_mode = ceil_mode
         self.local = LocalImportance(channels, local_kernel, conv_layer, **dd) if local_kernel is not None else None
-        self.nlp = SelfAttentiveImportance(channels, conv_layer=conv_layer, **non_local, **dd) \
+        self.non_local = SelfAttentiveImportance(channels, conv_layer=conv_layer, **non_local, **dd) \
             if non_local is not None else None
         # constants of the module (TorchScript prunes the branches they disable)
-        self.patch_size = self.nlp.patch_size if self.nlp is not None else 1
-        self.patches_of_windows = self.local is None and self.nlp is not None and not self.nlp.deformable and \
-            self.patch_size > 1 and self.patch_size % stride == 0
+        self.patch_size = self.non_local.patch_size if self.non_local is not None else 1
+        self.patches_of_windows = self.local is None and self.non_local is not None and \
+            not self.non_local.deformable and self.patch_size > 1 and self.patch_size % stride == 0
+        self.held_outputs = ('non_local',) if self.local is not None and self.non_local is not None else ()
+        self.register_load_state_dict_pre_hook(_load_legacy_keys)
 
     def window_constant(self, x: torch.Tensor) -> bool:
         """Whether the importance is constant inside every window: a non-local-only, regular-embedding pool whose
@@ -101,27 +123,120 @@ class WeightedPool2d(nn.Module):
     def importance(self, x: torch.Tensor) -> torch.Tensor:
         """The importance map of ``x``, same shape."""
         w: Optional[torch.Tensor] = None
-        if self.nlp is not None:
-            w = self.nlp(x)
+        if self.non_local is not None:
+            w = self.non_local(x)
         if self.local is not None:
             local = self.local(x)
             w = local if w is None else local * w
         assert w is not None
         return w
 
+    def _pool_token_weights(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The pooling of ``x`` with the weights ``w`` of its tokens (``(B, C, H / p, W / p)``)."""
+        if self.window_constant(x):
+            pooled = window_avg_pool2d(x, self.stride, self.ceil_mode)
+            if self.win_norm and not self.training:
+                return pooled
+            w = upsample_nearest(w, (pooled.shape[-2], pooled.shape[-1]))
+            # window normalisation cancels the weights; in training they still run, so that the importance branch
+            # updates its BN statistics and gets its (zero) gradients as in the paper's code, where they never cancel
+            return pooled * w / w if self.win_norm else pooled * w
+        return weighted_pool2d(x, upsample_nearest(w, (x.shape[-2], x.shape[-1])), self.stride, self.win_norm,
+                               self.ceil_mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(
                 'WeightedPool2d expects input (B, {}, H, W), got shape {}'.format(self.channels, list(x.shape)))
-        s = self.stride
         if self.patches_of_windows and self.window_constant(x):
-            pooled = window_avg_pool2d(x, s, self.ceil_mode)
             if self.win_norm and not self.training:
-                return pooled  # the weights cancel (training still runs them, for the BN statistics)
-            w, _ = self.nlp.token_weights(x)
-            w = upsample_nearest(w, (pooled.shape[-2], pooled.shape[-1]))
-            return pooled * w / w if self.win_norm else pooled * w
-        return weighted_pool2d(x, self.importance(x), s, self.win_norm, self.ceil_mode)
+                return window_avg_pool2d(x, self.stride, self.ceil_mode)  # the weights cancel
+            assert self.non_local is not None
+            w, _ = self.non_local.token_weights(x)
+            return self._pool_token_weights(x, w)
+        return weighted_pool2d(x, self.importance(x), self.stride, self.win_norm, self.ceil_mode)
+
+    def operand_numel(self, x: torch.Tensor, out: torch.Tensor) -> int:
+        """The importance map (input-sized); where it is constant per window, the token weights and their
+        up-sampling to the windows, or nothing for a window-normalised pool in eval (an average pool)."""
+        if not self.window_constant(x):
+            return x.numel()
+        if self.win_norm:
+            return 0
+        B, C, H, W = x.shape
+        p = self.patch_size
+        return B * C * (H // p) * (W // p) + out.numel()
+
+    def held_numel(self, x: torch.Tensor) -> int:
+        """The pooled map of an unnormalised pool whose weights are constant per window, computed first."""
+        if not self.window_constant(x) or self.win_norm:
+            return 0
+        B, C, H, W = x.shape
+        return B * C * (H // self.stride) * (W // self.stride)
+
+    def patch_support(self) -> PatchSupport:
+        nl = self.non_local
+        if nl is None:
+            return PatchSupport.local()
+        if self.local is not None:
+            return PatchSupport.whole_map("mixp's local term is not run patch by patch")
+        if nl.deformable:
+            return PatchSupport.whole_map('its deformable embedding samples at unbounded offsets')
+        if nl.patch_size == 1:
+            return PatchSupport.whole_map('its attention mixes the tokens of the full-resolution map (p = 1)')
+        if nl.dynamic:
+            return PatchSupport.whole_map('its dynamic restore conv is routed by the mean of the whole map')
+        if self.ceil_mode:
+            return PatchSupport.whole_map('its ceil-mode windows are not run patch by patch')
+        return PatchSupport.two_pass('nlp', nl.patch_size)
+
+    def first_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedded tokens ``(B, E, H / p, W / p)`` of a region of whole tokens."""
+        assert self.non_local is not None
+        return self.non_local.embed(x)[0]
+
+    def global_state(self, parts: List[Tuple[Tuple[int, int], torch.Tensor]], in_size: Tuple[int, int]
+                     ) -> torch.Tensor:
+        """The weights of every token of the input, from its embedded tokens assembled from the regions."""
+        assert self.non_local is not None
+        p = self.patch_size
+        first = parts[0][1]
+        grid = first.new_empty(first.shape[0], first.shape[1], in_size[0] // p, in_size[1] // p)
+        covered = torch.zeros(grid.shape[-2:], dtype=torch.bool)
+        for (r, c), t in parts:
+            rows, cols = slice(r // p, r // p + t.shape[-2]), slice(c // p, c // p + t.shape[-1])
+            grid[:, :, rows, cols] = t
+            covered[rows, cols] = True
+        if not bool(covered.all()):
+            raise RuntimeError('the regions of the first pass leave tokens uncovered')
+        return self.non_local.weights_of_tokens(grid, in_size)
+
+    def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
+        p = self.patch_size
+        r, c = origin[0] // p, origin[1] // p
+        return self._pool_token_weights(x, state[:, :, r:r + x.shape[-2] // p, c:c + x.shape[-1] // p])
+
+    def two_pass_numel(self, in_size: Tuple[int, int]) -> Tuple[int, int]:
+        assert self.non_local is not None
+        tokens = (in_size[0] // self.patch_size) * (in_size[1] // self.patch_size)
+        return self.non_local.embed_dim * tokens, self.channels * tokens
+
+    def global_step(self, in_size: Tuple[int, int]) -> Optional[Tuple[nn.Module, Tuple[int, ...]]]:
+        assert self.non_local is not None
+        p = self.patch_size
+        return _TokenWeights(self.non_local, in_size), (self.non_local.embed_dim, in_size[0] // p, in_size[1] // p)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, stride={self.stride}, win_norm={self.win_norm}, ceil_mode={self.ceil_mode}'
+
+
+class _TokenWeights(nn.Module):
+    """The attention step of a non-local pool's two passes: token weights from the embedded tokens of a map of
+    ``size`` (registered under the pool's child name, so that profiles name its steps as the pool's)."""
+
+    def __init__(self, non_local: SelfAttentiveImportance, size: Tuple[int, int]):
+        super().__init__()
+        self.non_local, self.size = non_local, size
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.non_local.weights_of_tokens(t, self.size)

@@ -12,19 +12,13 @@ scripting included, is ``F.avg_pool2d``. Both compute the same window mean (test
 from typing import List
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .protocol import PoolLayer, pool_output_size
+
 __all__ = ['pool_output_size', 'window_avg_pool2d', 'window_max_pool2d', 'WindowAvgPool2d', 'WindowMaxPool2d']
-
-
-def pool_output_size(size: int, stride: int, ceil_mode: bool = False) -> int:
-    """Output side of a window pool over ``size`` positions: ``size // stride`` (at least 1), or the ceiling."""
-    if ceil_mode:
-        return -(-size // stride)
-    return max(1, size // stride)
 
 
 def _window(x: torch.Tensor, stride: int) -> List[int]:
@@ -56,7 +50,7 @@ def window_max_pool2d(x: torch.Tensor, stride: int, ceil_mode: bool = False) -> 
 
 
 @register_notrace_module
-class WindowAvgPool2d(nn.Module):
+class WindowAvgPool2d(PoolLayer):
     """Average pooling with kernel = stride (``avgp``)."""
 
     def __init__(self, stride: int = 2, ceil_mode: bool = False):
@@ -72,7 +66,7 @@ class WindowAvgPool2d(nn.Module):
 
 
 @register_notrace_module
-class WindowMaxPool2d(nn.Module):
+class WindowMaxPool2d(PoolLayer):
     """Max pooling with kernel = stride (``maxp``, and the paper's ResNet stem pool at stride 2)."""
 
     def __init__(self, stride: int = 2, ceil_mode: bool = False):

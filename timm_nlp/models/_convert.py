@@ -15,6 +15,7 @@ from torch import nn
 
 from timm_nlp.grammar import ArchSpec, PoolSpec
 from timm_nlp.layers import DeformConv2d, DynamicConv2d
+from ._registry import classifier_weight_key, create_model
 from ._surgery import is_pooled
 
 __all__ = ['convert_paper_state_dict', 'PaperCheckpointError']
@@ -31,15 +32,16 @@ _IR_LAYERS = {'0': 'conv_pw', '1': 'bn1', '3': 'conv_dw', '4': 'bn2', '6': 'conv
 _POOL_LAYERS = (
     ('logit.pool_weight.logit.0.', 'local.conv.'), ('logit.pool_weight.logit.1.', 'local.norm.'),
     ('logit.pool_weight.local.0.', 'local.conv.'), ('logit.pool_weight.local.1.', 'local.norm.'),
-    ('logit.pool_weight.offset_conv.offset_conv.', 'nlp.patch_embed.offset.'),
-    ('logit.pool_weight.downsample.0.m_conv.', 'nlp.patch_embed.mask.'),
-    ('logit.pool_weight.downsample.0.conv.', 'nlp.patch_embed.conv.'),
-    ('logit.pool_weight.downsample.0.', 'nlp.patch_embed.'), ('logit.pool_weight.downsample.1.', 'nlp.norm.'),
-    ('logit.pool_weight.multihead_attn.in_proj_weight', 'nlp.attn.qkv.weight'),
-    ('logit.pool_weight.multihead_attn.in_proj_bias', 'nlp.attn.qkv.bias'),
-    ('logit.pool_weight.multihead_attn.out_proj.', 'nlp.attn.proj.'),
-    ('logit.pool_weight.restore.0.', 'nlp.restore.'), ('logit.pool_weight.restore.1.', 'nlp.restore_norm.'),
-    ('logit.pool_weight.pos_embed.', 'nlp.pos_embed.'),
+    ('logit.pool_weight.offset_conv.offset_conv.', 'non_local.patch_embed.offset.'),
+    ('logit.pool_weight.downsample.0.m_conv.', 'non_local.patch_embed.mask.'),
+    ('logit.pool_weight.downsample.0.conv.', 'non_local.patch_embed.conv.'),
+    ('logit.pool_weight.downsample.0.', 'non_local.patch_embed.'),
+    ('logit.pool_weight.downsample.1.', 'non_local.norm.'),
+    ('logit.pool_weight.multihead_attn.in_proj_weight', 'non_local.attn.qkv.weight'),
+    ('logit.pool_weight.multihead_attn.in_proj_bias', 'non_local.attn.qkv.bias'),
+    ('logit.pool_weight.multihead_attn.out_proj.', 'non_local.attn.proj.'),
+    ('logit.pool_weight.restore.0.', 'non_local.restore.'), ('logit.pool_weight.restore.1.', 'non_local.restore_norm.'),
+    ('logit.pool_weight.pos_embed.', 'non_local.pos_embed.'),
     ('ToHidden.1.', 'hidden.conv.'), ('ToHidden.2.', 'hidden.bn.'), ('ToMean.0.', 'mu.conv.'),
     ('ToMean.1.', 'mu.bn.'), ('ToSigma.0.', 'sigma.conv.'), ('ToSigma.1.', 'sigma.bn.'),
 )
@@ -146,7 +148,6 @@ def convert_paper_state_dict(
         PaperCheckpointError: The checkpoint is of another architecture (the mismatching tensors are named), or is
             a paper ``mixp`` checkpoint, which is the paper code's dfmixp network.
     """
-    from ._registry import create_model
     spec = ArchSpec.parse(arch)
     state_dict = _strip(checkpoint)
     deformable = [k for k in state_dict if 'offset_conv.' in k]
@@ -163,7 +164,7 @@ def convert_paper_state_dict(
             f"network (a deformable embedding), while {spec.seed} is not deformable there. Convert it as "
             f"'{as_dfmixp.seed}'.")
     if model is None:
-        head = 'fc.weight' if spec.spec.family == 'resnet' else 'classifier.weight'
+        head = classifier_weight_key(spec)
         num_classes = state_dict[head].shape[0] if head in state_dict else 1000
         model = create_model(spec.timm_name, num_classes=num_classes, device='meta')
     to_key: Callable[[str, ArchSpec], str] = _resnet_key if spec.spec.family == 'resnet' else _mobilenet_key

@@ -11,12 +11,12 @@ import json
 import os
 import sys
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
+import timm
 from timm.models import (
     PretrainedCfg, generate_default_cfgs, get_pretrained_cfg, register_model, resolve_pretrained_cfg)
 
@@ -27,6 +27,7 @@ from ._weights import load_stock_source
 __all__ = [
     'GRID_POOLS', 'PAPER_EXAMPLES', 'grid_specs', 'generic_name', 'family_default_cfgs', 'register_family',
     'create_model', 'list_pooled_models', 'load_manifest', 'register_pretrained', 'pooled_cfg', 'MANIFEST_PATH',
+    'classifier_weight_key',
 ]
 
 GRID_POOLS = (
@@ -68,6 +69,12 @@ def pooled_cfg(arch: ArchSpec, **kwargs: Any) -> Dict[str, Any]:
     )
     cfg.update(kwargs)
     return cfg
+
+
+def classifier_weight_key(arch: ArchSpec) -> str:
+    """The state-dict key of the classifier's weight of ``arch``'s models (its base model's ``classifier``, which
+    the paper's checkpoints share)."""
+    return get_pretrained_cfg(arch.base_name).classifier + '.weight'
 
 
 def load_manifest() -> List[Dict[str, Any]]:
@@ -119,7 +126,6 @@ def _published() -> List[str]:
 
 
 def _default_tag(base: str) -> str:
-    import timm
     tags = timm.list_pretrained(base + '.*')
     return tags[0] if tags else base
 
@@ -146,31 +152,32 @@ def _build(create_fn: Callable[..., nn.Module], name: str, spec: ArchSpec, pretr
     return model
 
 
-def _named_entry(pretrained: bool = False, *, create_fn: Callable[..., nn.Module], name: str, spec: ArchSpec,
-                 **kwargs: Any) -> nn.Module:
-    return _build(create_fn, name, spec, pretrained, kwargs)
+def _named_entry(create_fn: Callable[..., nn.Module], name: str, spec: ArchSpec) -> Callable[..., nn.Module]:
+    """The entrypoint of a named architecture: ``(pretrained=False, **kwargs)``, as timm's own."""
+    def entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _build(create_fn, name, spec, pretrained, kwargs)
+    return entry
 
 
-def _generic_entry(
-        pretrained: bool = False,
-        pool: str = 'skip',
-        strides: Optional[Union[str, int, tuple]] = None,
-        prepool: Optional[str] = None,
-        prepool_stride: Optional[int] = None,
-        *,
-        create_fn: Callable[..., nn.Module],
-        name: str,
-        stock: ArchSpec,
-        **kwargs: Any,
-) -> nn.Module:
-    if prepool is not None and prepool_stride is None:
-        prepool_stride = 4
-    spec = ArchSpec(stock.backbone, pool, stock.strides if strides is None else strides, stock.dynamic,
-                    prepool, prepool_stride)  # a prepool_stride without a prepool is an error there
-    cfg = pooled_cfg(spec)
-    overlay = dict(pool_size=cfg['pool_size'], description=cfg['description'])
-    overlay.update(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    return _build(create_fn, name, spec, pretrained, dict(kwargs, pretrained_cfg_overlay=overlay))
+def _generic_entry(create_fn: Callable[..., nn.Module], name: str, stock: ArchSpec) -> Callable[..., nn.Module]:
+    """The entrypoint of a backbone's generic name, its architecture set by keyword arguments."""
+    def entry(
+            pretrained: bool = False,
+            pool: str = 'skip',
+            strides: Optional[Union[str, int, tuple]] = None,
+            prepool: Optional[str] = None,
+            prepool_stride: Optional[int] = None,
+            **kwargs: Any,
+    ) -> nn.Module:
+        if prepool is not None and prepool_stride is None:
+            prepool_stride = 4
+        spec = ArchSpec(stock.backbone, pool, stock.strides if strides is None else strides, stock.dynamic,
+                        prepool, prepool_stride)  # a prepool_stride without a prepool is an error there
+        cfg = pooled_cfg(spec)
+        overlay = dict(pool_size=cfg['pool_size'], description=cfg['description'])
+        overlay.update(kwargs.pop('pretrained_cfg_overlay', None) or {})
+        return _build(create_fn, name, spec, pretrained, dict(kwargs, pretrained_cfg_overlay=overlay))
+    return entry
 
 
 def _register(name: str, module: str, fn: Callable[..., nn.Module], doc: str, spec: ArchSpec) -> None:
@@ -227,12 +234,12 @@ def register_family(module: str, backbones: Iterable[str], create_fn: Callable[.
     """
     named, generic = _family_specs(backbones)
     for name, spec in named.items():
-        fn = partial(_named_entry, create_fn=create_fn, name=name, spec=spec)
-        _register(name, module, fn, f'{spec.seed} (timm name {spec.timm_name}).', spec)
+        doc = f'{spec.seed} (timm name {spec.timm_name}).'
+        _register(name, module, _named_entry(create_fn, name, spec), doc, spec)
     for name, stock in generic.items():
-        fn = partial(_generic_entry, create_fn=create_fn, name=name, stock=stock)
-        _register(name, module, fn, f'Generic {stock.backbone}{" (dynamic convs)" if stock.dynamic else ""}: '
-                                    f'kwargs pool=, strides=, prepool=, prepool_stride= set the architecture.', stock)
+        doc = (f'Generic {stock.backbone}{" (dynamic convs)" if stock.dynamic else ""}: kwargs pool=, strides=, '
+               'prepool=, prepool_stride= set the architecture.')
+        _register(name, module, _generic_entry(create_fn, name, stock), doc, stock)
 
 
 def list_pooled_models(pattern: str = '*') -> List[str]:
@@ -253,7 +260,6 @@ def create_model(arch: str, pretrained: bool = False, **kwargs: Any) -> nn.Modul
         **kwargs: timm ``create_model`` arguments (num_classes, in_chans, features_only, ...) and the model options
             placement ('paper' or 'block'), dynamic_kernels, dynamic_temperature, stock_weights.
     """
-    import timm
     if timm.is_model(arch) or ':' in arch:  # hf-hub:, local-dir: and other timm sources
         return timm.create_model(arch, pretrained=pretrained, **kwargs)
     name, dot, tag = arch.partition('.')

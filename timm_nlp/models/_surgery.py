@@ -1,9 +1,10 @@
 """Model surgery shared by the pooled families: a stock timm model reshaped into the paper's network.
 
-The steps, each family supplying how its blocks look: restride the first block of every stage (the stage digit on
-its strided conv for ``skip``, stride 1 under a pooling layer), make the backbone's convolutions dynamic (``dy``),
-place the pooling layers as named children of the stages (``nn.Sequential`` stages keep every stock key), the stem
-pre-pool, and the paper code's weight init.
+One path (``PooledBackbone.reshape``), each family supplying how its stem, stages and blocks look: the stem conv's
+stride under a pre-pool, restride the first block of every stage (the stage digit on its strided conv for ``skip``,
+stride 1 under a pooling layer), make the backbone's convolutions dynamic (``dy``), the stem pre-pool, the pooling
+layers as named children of the stages (``nn.Sequential`` stages keep every stock key), and the paper code's weight
+init.
 """
 import math
 from collections import OrderedDict
@@ -15,11 +16,13 @@ from timm.layers import Attention
 
 from timm_nlp.grammar import ArchSpec, PoolSpec
 from timm_nlp.layers import (
-    DeformConv2d, DynamicConv2d, LearnedPosEmbed2d, create_pool2d, prepool_args, stage_pool_args)
+    DeformConv2d, DynamicConv2d, LearnedPosEmbed2d, convert_dynamic_conv, create_pool2d, prepool_args,
+    stage_pool_args)
 
 __all__ = [
     'PLACEMENTS', 'resolve_placement', 'is_pooled', 'set_stride', 'make_stage_pool', 'make_prepool',
     'place_stage_pools', 'init_paper_weights', 'check_output_stride', 'pooled_group_matcher', 'PAPER_ID',
+    'PooledBackbone',
 ]
 
 PAPER_ID = 'arXiv:2209.07659'
@@ -50,10 +53,6 @@ def check_output_stride(output_stride: int) -> None:
     if output_stride != 32:
         raise ValueError(f'Pooled backbones set their strides from the architecture string; output_stride='
                          f'{output_stride} (dilation) is not supported, only 32.')
-
-
-def _pool_kwargs(arch: ArchSpec, dynamic_kernels: int, dynamic_temperature: float) -> Dict[str, Any]:
-    return dict(dynamic=arch.dynamic, dynamic_kernels=dynamic_kernels, dynamic_temperature=dynamic_temperature)
 
 
 def make_stage_pool(arch: ArchSpec, stage: int, channels: int, ceil_mode: bool = False, **kwargs: Any) -> nn.Module:
@@ -88,17 +87,15 @@ def place_stage_pools(
         stage_in_chs: Sequence[int],
         stage_out_chs: Sequence[int],
         strided_conv: Callable[[nn.Module], nn.Module],
-        dynamic_kernels: int,
-        dynamic_temperature: float,
-        **dd: Any,
+        **kwargs: Any,
 ) -> List[nn.Sequential]:
     """The stages with their pooling layers: a child 'pool' after the last block (end), after the first (first),
     before the first (before), or the first block's ``aa`` slot (block; the pooled map is then the strided conv's).
+    ``kwargs`` go to every pool (``create_pool2d``: dynamic convs, device, dtype).
 
     Returns:
         The stages, new ``nn.Sequential`` objects where a pool was inserted (every stock child keeps its name).
     """
-    kwargs = dict(_pool_kwargs(arch, dynamic_kernels, dynamic_temperature), **dd)
     out = []
     for i, stage in enumerate(stages):
         if not is_pooled(arch, arch.strides[i]):
@@ -113,6 +110,75 @@ def place_stage_pools(
         index = {'end': len(stage), 'first': 1, 'before': 0}[placement]
         out.append(_with_pool(stage, index, make_stage_pool(arch, i, channels, **kwargs)))
     return out
+
+
+class PooledBackbone:
+    """The surgery path of a pooled family, mixed into its timm model class: ``reshape`` turns the stock model
+    built by ``__init__`` into the network of an ``ArchSpec``. A family says how its model looks through the methods
+    below that raise NotImplementedError."""
+    family: str
+
+    def _stem_conv(self) -> nn.Module:
+        """The stem's (first) convolution."""
+        raise NotImplementedError
+
+    def _stem_chs(self) -> int:
+        """Channels of the stem's output."""
+        raise NotImplementedError
+
+    def _stages(self) -> List[nn.Sequential]:
+        raise NotImplementedError
+
+    def _set_stages(self, stages: List[nn.Sequential]) -> None:
+        raise NotImplementedError
+
+    def _restride(self, stage: nn.Sequential, stride: int, pooled: bool, **dd: Any) -> None:
+        """A stage's first block at ``stride`` (skip), or at stride 1 under a pooling layer (``pooled``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _strided_conv(block: nn.Module) -> nn.Module:
+        """The convolution of a stage's first block that takes the stage's stride."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _block_out_chs(block: nn.Module) -> int:
+        raise NotImplementedError
+
+    def _place_prepool(self, pool: nn.Module) -> None:
+        """Put the stem pre-pool after the stem."""
+        raise NotImplementedError
+
+    def reshape(self, arch: ArchSpec, placement: str, dynamic_kernels: int, dynamic_temperature: float,
+                **dd: Any) -> List[int]:
+        """Reshape the stock model into ``arch``'s network (see the module docstring), in place; returns the output
+        channels of every stage.
+
+        Args:
+            arch: The architecture.
+            placement: 'paper' or 'block' (``resolve_placement``).
+            dynamic_kernels: K of the dynamic convolutions (``dy``).
+            dynamic_temperature: Their softmax temperature.
+            **dd: device and dtype of the new modules.
+        """
+        self.arch = arch
+        self.placement = resolve_placement(placement, arch)
+        set_stride(self._stem_conv(), arch.stem_conv_stride)
+        stages = self._stages()
+        for stage, stride in zip(stages, arch.strides):
+            self._restride(stage, stride, is_pooled(arch, stride), **dd)
+        if arch.dynamic:
+            convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
+        pool_kw = dict(dynamic=arch.dynamic, dynamic_kernels=dynamic_kernels, dynamic_temperature=dynamic_temperature,
+                       **dd)
+        if arch.prepool is not None:
+            self._place_prepool(make_prepool(arch, self._stem_chs(), **pool_kw))
+        out_chs = [self._block_out_chs(stage[0]) for stage in stages]
+        in_chs = [self._stem_chs()] + out_chs[:-1]
+        self._set_stages(place_stage_pools(arch, self.placement, stages, in_chs, out_chs, self._strided_conv,
+                                           **pool_kw))
+        init_paper_weights(self, self.family)
+        return out_chs
 
 
 def pooled_group_matcher(matcher: Dict[str, Any], pool_regex: str, placement: str) -> Dict[str, Any]:

@@ -7,9 +7,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+import timm
 from timm.models import adapt_input_conv
 
-from timm_nlp.layers import DynamicConv2d
+from timm_nlp.checkpoint import load_weights
+from timm_nlp.layers import DynamicConv2d, rename_legacy_keys
 
 __all__ = [
     'TransferReport', 'adapt_stock_state_dict', 'load_stock_weights', 'load_stock_source', 'checkpoint_filter_fn',
@@ -146,8 +148,6 @@ def load_stock_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor]) ->
 def load_stock_source(model: nn.Module, source: str) -> TransferReport:
     """Start ``model`` from stock timm weights of its base model: a timm name with tag (weights from the Hub,
     e.g. ``resnet18.a1_in1k``) or a checkpoint file (read safely, see ``timm_nlp.checkpoint.load_weights``)."""
-    import timm
-    from timm_nlp.checkpoint import load_weights
     arch = getattr(model, 'arch', None)
     if os.path.isfile(source):
         state_dict = load_weights(source)
@@ -166,13 +166,14 @@ def load_stock_source(model: nn.Module, source: str) -> TransferReport:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """``pretrained_filter_fn`` for timm's ``pretrained=True`` loading of published timm-nlp weights.
 
-    Unwraps ``state_dict``/``model`` containers; a checkpoint of another architecture raises, naming the
-    mismatching tensors, instead of loading partially.
+    Unwraps ``state_dict``/``model`` containers and renames the keys of earlier versions (``rename_legacy_keys``);
+    a checkpoint of another architecture raises, naming the mismatching tensors, instead of loading partially.
     """
     for wrapper in ('state_dict', 'model', 'state_dict_ema'):
         if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
             state_dict = state_dict[wrapper]
             break
+    state_dict = rename_legacy_keys(state_dict)
     adapted, report = adapt_stock_state_dict(state_dict, model)
     head = getattr(model, 'pretrained_cfg', {}).get('classifier') or ''
     is_head = lambda k: bool(head) and k.startswith(head + '.')  # noqa: E731

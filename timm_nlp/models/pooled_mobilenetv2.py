@@ -19,11 +19,8 @@ from timm.models._efficientnet_builder import decode_arch_def, round_channels
 from timm.models.efficientnet import EfficientNet
 
 from timm_nlp.grammar import ArchSpec
-from timm_nlp.layers import convert_dynamic_conv
 from ._registry import family_default_cfgs, register_family
-from ._surgery import (
-    check_output_stride, init_paper_weights, is_pooled, make_prepool, place_stage_pools, pooled_group_matcher,
-    resolve_placement, set_stride)
+from ._surgery import PooledBackbone, check_output_stride, pooled_group_matcher, set_stride
 from ._weights import checkpoint_filter_fn
 
 __all__ = ['PooledMobileNetV2', 'feature_stages']
@@ -41,12 +38,7 @@ def feature_stages(arch: ArchSpec) -> List[int]:
     return [i for i in range(n) if i == n - 1 or arch.strides[i + 1] > 1]
 
 
-def _block_out_chs(blk: nn.Module) -> int:
-    """Output channels of a depthwise-separable (last conv ``conv_pw``) or inverted-residual block (``conv_pwl``)."""
-    return (blk.conv_pwl if hasattr(blk, 'conv_pwl') else blk.conv_pw).out_channels
-
-
-class PooledMobileNetV2(EfficientNet):
+class PooledMobileNetV2(PooledBackbone, EfficientNet):
     """timm EfficientNet (as MobileNetV2) reshaped by an ``ArchSpec`` into the paper's network.
 
     Args:
@@ -56,6 +48,7 @@ class PooledMobileNetV2(EfficientNet):
         dynamic_temperature: Their softmax temperature.
         **kwargs: timm EfficientNet arguments (num_classes, in_chans, global_pool, drop_rate, ...).
     """
+    family = 'mobilenetv2'
 
     def __init__(
             self,
@@ -70,30 +63,40 @@ class PooledMobileNetV2(EfficientNet):
     ):
         check_output_stride(output_stride)
         super().__init__(decode_arch_def(MOBILENETV2_ARCH), device=device, dtype=dtype, **kwargs)
-        dd = {'device': device, 'dtype': dtype}
-        self.arch = arch
-        self.placement = resolve_placement(placement, arch)
-        if arch.prepool is not None:
-            set_stride(self.conv_stem, arch.prepool_stride if arch.prepool.method == 'skip' else 1)
-        for stage, stride in zip(self.blocks, arch.strides):
-            set_stride(stage[0].conv_dw, 1 if is_pooled(arch, stride) else stride)
-        if arch.dynamic:
-            convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
-        pool_kw = dict(dynamic=arch.dynamic, dynamic_kernels=dynamic_kernels, dynamic_temperature=dynamic_temperature,
-                       **dd)
-        if arch.prepool is not None:
-            pool = make_prepool(arch, self.conv_stem.out_channels, **pool_kw)
-            self.bn1.act = nn.Sequential(OrderedDict([('act', self.bn1.act), ('pool', pool)]))
-        out_chs = [_block_out_chs(stage[0]) for stage in self.blocks]
-        in_chs = [self.conv_stem.out_channels] + out_chs[:-1]
-        stages = place_stage_pools(arch, self.placement, list(self.blocks), in_chs, out_chs, lambda blk: blk.conv_dw,
-                                   dynamic_kernels, dynamic_temperature, **dd)
-        self.blocks = nn.Sequential(*stages)
-        init_paper_weights(self, 'mobilenetv2')
+        out_chs = self.reshape(arch, placement, dynamic_kernels, dynamic_temperature, device=device, dtype=dtype)
         self.feature_info = [
             dict(stage=i + 1, reduction=arch.reductions[i + 1], module=f'blocks.{i}', num_chs=out_chs[i])
             for i in feature_stages(arch)]
         self.stage_ends = [f['stage'] for f in self.feature_info]
+
+    def _stem_conv(self) -> nn.Module:
+        return self.conv_stem
+
+    def _stem_chs(self) -> int:
+        return self.conv_stem.out_channels
+
+    def _stages(self) -> List[nn.Sequential]:
+        return list(self.blocks)
+
+    def _set_stages(self, stages: List[nn.Sequential]) -> None:
+        self.blocks = nn.Sequential(*stages)
+
+    def _place_prepool(self, pool: nn.Module) -> None:
+        """After the stem's norm-act: ``bn1.act`` becomes ``Sequential(act, pool)``, every stock key kept."""
+        self.bn1.act = nn.Sequential(OrderedDict([('act', self.bn1.act), ('pool', pool)]))
+
+    @staticmethod
+    def _strided_conv(blk: nn.Module) -> nn.Module:
+        return blk.conv_dw
+
+    @staticmethod
+    def _block_out_chs(blk: nn.Module) -> int:
+        """Output channels of a depthwise-separable (last conv ``conv_pw``) or inverted-residual block
+        (``conv_pwl``)."""
+        return (blk.conv_pwl if hasattr(blk, 'conv_pwl') else blk.conv_pw).out_channels
+
+    def _restride(self, stage: nn.Sequential, stride: int, pooled: bool, **dd: Any) -> None:
+        set_stride(stage[0].conv_dw, 1 if pooled else stride)
 
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         matcher = super().group_matcher(coarse)

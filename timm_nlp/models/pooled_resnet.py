@@ -7,7 +7,7 @@ backbones, timm prefixes ``resnet18b1``/``resnet50b1``). A pre-pool makes the st
 max-pool. ``dy`` makes every conv dynamic. The in-block placement (``placement='block'``) puts the pool in the first
 block's ``aa`` slot instead.
 """
-from typing import Any, Dict, Type, Union
+from typing import Any, Dict, List, Type, Union
 
 from torch import nn
 
@@ -15,11 +15,9 @@ from timm.models import build_model_with_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from timm_nlp.grammar import ArchSpec
-from timm_nlp.layers import WindowMaxPool2d, convert_dynamic_conv
+from timm_nlp.layers import WindowMaxPool2d
 from ._registry import family_default_cfgs, register_family
-from ._surgery import (
-    check_output_stride, init_paper_weights, is_pooled, make_prepool, place_stage_pools, pooled_group_matcher,
-    resolve_placement, set_stride)
+from ._surgery import PooledBackbone, check_output_stride, pooled_group_matcher, set_stride
 from ._weights import checkpoint_filter_fn
 
 __all__ = ['PooledResNet']
@@ -27,7 +25,7 @@ __all__ = ['PooledResNet']
 _UNSUPPORTED = ('avg_down', 'replace_stem_pool', 'aa_layer')
 
 
-class PooledResNet(ResNet):
+class PooledResNet(PooledBackbone, ResNet):
     """timm ResNet reshaped by an ``ArchSpec`` into the paper's network.
 
     Args:
@@ -40,6 +38,7 @@ class PooledResNet(ResNet):
         zero_init_last: timm's zero init of each block's last BN (off, as in the paper's code).
         **kwargs: timm ResNet arguments (num_classes, in_chans, global_pool, drop_rate, stem_type, ...).
     """
+    family = 'resnet'
 
     def __init__(
             self,
@@ -61,57 +60,52 @@ class PooledResNet(ResNet):
                 raise ValueError(f'{name} is not supported by the pooled ResNets: the architecture string sets the '
                                  'stem pool and every stride (a pooled stage has no strided block).')
         super().__init__(block, layers, zero_init_last=False, device=device, dtype=dtype, **kwargs)
-        dd = {'device': device, 'dtype': dtype}
-        self.arch = arch
-        self.placement = resolve_placement(placement, arch)
-        stem_conv = self.conv1[0] if isinstance(self.conv1, nn.Sequential) else self.conv1
-        if arch.prepool is not None:
-            set_stride(stem_conv, arch.prepool_stride if arch.prepool.method == 'skip' else 1)
         self.maxpool = WindowMaxPool2d(2)
-        stages = [getattr(self, f'layer{i + 1}') for i in range(len(arch.strides))]
-        for stage, stride in zip(stages, arch.strides):
-            if not is_pooled(arch, stride):
-                self._restride(stage[0], stride, stride, False, **dd)
-            else:
-                # in-block: the shortcut skips the pool and takes its stride; _v2: the paper's code keeps the
-                # projection that the nominal stride makes, at stride 1; after the stage: none for the stride
-                shortcut = {'block': (stride, True), 'first': (1, True)}.get(self.placement, (1, False))
-                self._restride(stage[0], 1, *shortcut, **dd)
-        if arch.dynamic:
-            convert_dynamic_conv(self, num_kernels=dynamic_kernels, temperature=dynamic_temperature)
-        pool_kw = dict(dynamic=arch.dynamic, dynamic_kernels=dynamic_kernels, dynamic_temperature=dynamic_temperature,
-                       **dd)
-        if arch.prepool is not None:
-            self.maxpool = make_prepool(arch, self.bn1.num_features, **pool_kw)
-        out_chs = [self._out_chs(stage[0]) for stage in stages]
-        in_chs = [self.bn1.num_features] + out_chs[:-1]
-        stages = place_stage_pools(arch, self.placement, stages, in_chs, out_chs, self._strided_conv,
-                                   dynamic_kernels, dynamic_temperature, **dd)
-        for i, stage in enumerate(stages):
-            setattr(self, f'layer{i + 1}', stage)
-        init_paper_weights(self, 'resnet')
+        self.reshape(arch, placement, dynamic_kernels, dynamic_temperature, device=device, dtype=dtype)
         if zero_init_last:
             for m in self.modules():
                 if hasattr(m, 'zero_init_last'):
                     m.zero_init_last()
-        # act1, after the stem conv: stride 2, 1 under a pre-pool, S for prepool-skip-S
-        stem_reduction = 2 if arch.prepool is None else arch.prepool_stride if arch.prepool.method == 'skip' else 1
-        self.feature_info = [dict(self.feature_info[0], reduction=stem_reduction)] + [
+        self.feature_info = [dict(self.feature_info[0], reduction=arch.stem_conv_stride)] + [
             dict(f, reduction=r) for f, r in zip(self.feature_info[1:], arch.reductions[1:])]
+
+    def _stem_conv(self) -> nn.Module:
+        return self.conv1[0] if isinstance(self.conv1, nn.Sequential) else self.conv1
+
+    def _stem_chs(self) -> int:
+        return self.bn1.num_features
+
+    def _stages(self) -> List[nn.Sequential]:
+        return [getattr(self, f'layer{i + 1}') for i in range(len(self.arch.strides))]
+
+    def _set_stages(self, stages: List[nn.Sequential]) -> None:
+        for i, stage in enumerate(stages):
+            setattr(self, f'layer{i + 1}', stage)
+
+    def _place_prepool(self, pool: nn.Module) -> None:
+        self.maxpool = pool
 
     @staticmethod
     def _strided_conv(blk: nn.Module) -> nn.Module:
         return blk.conv1 if isinstance(blk, BasicBlock) else blk.conv2
 
     @staticmethod
-    def _out_chs(blk: nn.Module) -> int:
+    def _block_out_chs(blk: nn.Module) -> int:
         return (blk.bn2 if isinstance(blk, BasicBlock) else blk.bn3).num_features
 
-    def _restride(self, blk: nn.Module, stride: int, shortcut_stride: int, projection: bool, **dd: Any) -> None:
-        """The first block of a stage with its strided conv at ``stride`` and a 1x1 shortcut projection of
-        ``shortcut_stride`` where ``projection`` is set, the shortcut is strided or the channels change."""
+    def _restride(self, stage: nn.Sequential, stride: int, pooled: bool, **dd: Any) -> None:
+        """The first block with its strided conv at the stage's stride (skip) or at 1, and a 1x1 shortcut projection
+        where the shortcut is strided or the channels change; under a pool in-block (the shortcut skips the pool and
+        takes its stride) and in the ``_v2`` placement (the paper's code keeps the projection that the nominal stride
+        makes, at stride 1) there is always one."""
+        blk = stage[0]
+        if pooled:
+            shortcut_stride, projection = {'block': (stride, True), 'first': (1, True)}.get(self.placement, (1, False))
+            stride = 1
+        else:
+            shortcut_stride, projection = stride, False
         set_stride(self._strided_conv(blk), stride)
-        in_chs, out_chs = blk.conv1.in_channels, self._out_chs(blk)
+        in_chs, out_chs = blk.conv1.in_channels, self._block_out_chs(blk)
         if not (projection or shortcut_stride != 1 or in_chs != out_chs):
             blk.downsample = None
         elif blk.downsample is None:

@@ -13,7 +13,7 @@ import torch
 
 from timm_nlp.checkpoint import CheckpointError, save_weights
 from timm_nlp.grammar import ArchSpec
-from timm_nlp.models import convert_paper_state_dict, create_model
+from timm_nlp.models import classifier_weight_key, convert_paper_state_dict, create_model
 
 __all__ = ['convert_paper_checkpoint']
 
@@ -39,8 +39,7 @@ def convert_paper_checkpoint(path: str, arch: str, out_dir: str) -> Path:
     spec = ArchSpec.parse(arch)
     ckpt = _read(path)
     state_dict = convert_paper_state_dict(ckpt, spec.seed)
-    head = 'fc.weight' if spec.spec.family == 'resnet' else 'classifier.weight'
-    num_classes = state_dict[head].shape[0]
+    num_classes = state_dict[classifier_weight_key(spec)].shape[0]
     model = create_model(spec.timm_name, num_classes=num_classes)
     model.load_state_dict(state_dict, strict=True)
     meta: Dict[str, Any] = dict(architecture=spec.timm_name, num_classes=num_classes, label_names=None,
