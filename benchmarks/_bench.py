@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from timm_nlp.tools.tables import markdown_table
+
 _LIBC = ctypes.CDLL('libc.so.6')
 
 
@@ -146,17 +148,8 @@ def round_ratio(times: Dict[str, List[float]], num: str, den: str) -> float:
 
 
 def print_table(header: Sequence[str], rows: List[Sequence[object]]) -> None:
-    """Print a GitHub-markdown table."""
-    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def fmt(r):
-        return '| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |'
-
-    print(fmt(cells[0]))
-    print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
-    for r in cells[1:]:
-        print(fmt(r))
+    """Print a GitHub-markdown table (timm-nlp's one table writer)."""
+    print(markdown_table(header, rows))
 
 
 def env_line(threads: int) -> str:
