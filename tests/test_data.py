@@ -1,5 +1,6 @@
-"""Fashion-MNIST: the IDX reader on the real files (Debian's dataset-fashion-mnist) and on files written here,
-class-balanced subsets, and a short real training run."""
+"""Fashion-MNIST through torchvision's reader: the real files (Debian's dataset-fashion-mnist), files written here
+(gzipped or not; missing, truncated, padded or corrupt ones reported by name), class-balanced subsets, grey and RGB
+views, and short real training runs."""
 import argparse
 import csv
 import gzip
@@ -13,13 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from timm_nlp.data import FashionMNIST, IdxError, balanced_subset, default_fashion_mnist_dir, read_idx, resolve_datasets
+from timm_nlp.data import IdxError, ImageView, balanced_subset, default_fashion_mnist_dir, fashion_mnist, \
+    resolve_datasets
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST = default_fashion_mnist_dir()
 needs_fmnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(FMNIST, 'train-images-idx3-ubyte.gz')),
     reason=f'Fashion-MNIST is not in {FMNIST} (apt-get install dataset-fashion-mnist; .ci/run installs it)')
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """The unpacked files go to a temporary cache (XDG_CACHE_HOME), also in the tests' subprocesses."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
 
 
 def _write_idx(path: Path, array: np.ndarray, magic: int = None, cut: int = 0, pad: int = 0) -> Path:
@@ -33,83 +41,92 @@ def _write_idx(path: Path, array: np.ndarray, magic: int = None, cut: int = 0, p
     return path
 
 
-def _fake_fmnist(root: Path, n_train: int = 30, n_test: int = 20, gz: bool = True) -> Path:
-    rng = np.random.default_rng(0)
+def _fake_fmnist(root: Path, n_train: int = 30, n_test: int = 20, gz: bool = True, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     ext = '.gz' if gz else ''
     for prefix, n in (('train', n_train), ('t10k', n_test)):
         _write_idx(root / f'{prefix}-images-idx3-ubyte{ext}', rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(root / f'{prefix}-labels-idx1-ubyte{ext}', np.arange(n) % 10)
+        _write_idx(root / f'{prefix}-labels-idx1-ubyte{ext}', rng.permutation(np.arange(n) % 10))
     return root
 
 
 @needs_fmnist
 def test_the_real_files():
-    train, test = FashionMNIST(FMNIST, 'train', in_chans=1), FashionMNIST(FMNIST, 'test')
+    train, test = fashion_mnist(FMNIST, 'train'), fashion_mnist(FMNIST, 'test')
     assert (len(train), len(test)) == (60000, 10000)
-    assert train.images.shape == (60000, 28, 28) and test.images.shape == (10000, 28, 28)
-    assert Counter(train.targets) == {c: 6000 for c in range(10)}
-    assert Counter(test.targets) == {c: 1000 for c in range(10)}
-    img, label = train[0]
+    assert tuple(train.data.shape) == (60000, 28, 28) and tuple(test.data.shape) == (10000, 28, 28)
+    assert Counter(train.targets.tolist()) == {c: 6000 for c in range(10)}
+    assert Counter(test.targets.tolist()) == {c: 1000 for c in range(10)}
+    img, label = ImageView(train, 'L')[0]
     assert img.mode == 'L' and img.size == (28, 28) and 0 <= label < 10
-    rgb, _ = test[0]
-    assert rgb.mode == 'RGB' and np.array_equal(np.asarray(rgb)[..., 0], test.images[0])
+    rgb, _ = ImageView(test, 'RGB')[0]
+    assert rgb.mode == 'RGB' and np.array_equal(np.asarray(rgb)[..., 0], test.data[0].numpy())
     assert np.array_equal(np.asarray(rgb)[..., 0], np.asarray(rgb)[..., 2])
-    assert 0 < train.images.mean() < 255  # real photographs: neither blank nor saturated
+    assert 0 < float(train.data.float().mean()) < 255  # real photographs: neither blank nor saturated
+    assert ImageView(train, 'L').label_names[9] == 'Ankle boot'
 
 
 @pytest.mark.parametrize('gz', [True, False])
 def test_reader_round_trip(tmp_path, gz):
-    arr = np.random.default_rng(1).integers(0, 256, (5, 7, 3)).astype(np.uint8)
-    path = _write_idx(tmp_path / ('a.idx.gz' if gz else 'a.idx'), arr)
-    assert np.array_equal(read_idx(str(path)), arr)
-    labels = np.array([3, 1, 4, 1, 5], np.uint8)
-    assert np.array_equal(read_idx(str(_write_idx(tmp_path / 'l.idx', labels))), labels)
+    root = _fake_fmnist(tmp_path / 'fm', gz=gz)
+    rng = np.random.default_rng(0)  # the draws of _fake_fmnist
+    images, labels = rng.integers(0, 256, (30, 28, 28)), rng.permutation(np.arange(30) % 10)
+    train = fashion_mnist(str(root), 'train')
+    assert np.array_equal(train.data.numpy(), images) and train.targets.tolist() == labels.tolist()
+    assert len(fashion_mnist(str(root), 'test')) == 20
+
+
+def test_a_changed_file_is_read_again(tmp_path):
+    root = _fake_fmnist(tmp_path / 'fm')
+    first = fashion_mnist(str(root), 'test').targets.tolist()
+    _write_idx(root / 't10k-labels-idx1-ubyte.gz', (np.array(first) + 1) % 10)
+    os.utime(root / 't10k-labels-idx1-ubyte.gz', ns=(1, 1))  # another time, whatever the clock's resolution
+    assert fashion_mnist(str(root), 'test').targets.tolist() == [(t + 1) % 10 for t in first]
 
 
 @pytest.mark.parametrize('gz', [True, False])
-@pytest.mark.parametrize('kind, match', [
-    (dict(cut=5), r'truncated or padded: its header says 5x7x3 = 105 bytes of data, the file has 100'),
-    (dict(pad=2), r'truncated or padded: .* 105 bytes of data, the file has 107'),
-    (dict(cut=105 + 6), r'truncated: 10 bytes, its header alone takes 16'),
-    (dict(magic=0x00000d03), r'not an IDX file of unsigned bytes: magic number 0x00000d03'),
-])
-def test_reader_errors(tmp_path, gz, kind, match):
-    arr = np.zeros((5, 7, 3), np.uint8)
-    path = _write_idx(tmp_path / ('b.gz' if gz else 'b'), arr, **kind)
-    with pytest.raises(IdxError, match=match):
-        read_idx(str(path))
+@pytest.mark.parametrize('kind', [dict(cut=5), dict(pad=2), dict(cut=30 * 28 * 28 + 6), dict(magic=0x00000d03)])
+def test_reader_errors(tmp_path, gz, kind):
+    """A truncated, padded or header-cut file and one of another element type: an error naming the file."""
+    root = _fake_fmnist(tmp_path / 'fm', gz=gz)
+    name = 'train-images-idx3-ubyte' + ('.gz' if gz else '')
+    _write_idx(root / name, np.zeros((30, 28, 28), np.uint8), **kind)
+    with pytest.raises(IdxError, match=f"{name}' is not an IDX file of images of unsigned bytes \\(truncated, padded "
+                                       'or with another magic number\\): .'):
+        fashion_mnist(str(root))
+    assert not list((tmp_path / 'cache').rglob('train-images-idx3-ubyte'))  # nothing half-written is kept
 
 
 def test_a_cut_gzip_stream_is_reported(tmp_path):
-    path = _write_idx(tmp_path / 'c.gz', np.zeros((50, 28, 28), np.uint8))
+    root = _fake_fmnist(tmp_path / 'fm', n_train=500)
+    path = root / 'train-images-idx3-ubyte.gz'
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(IdxError, match=r"c.gz' cannot be read"):
-        read_idx(str(path))
+    with pytest.raises(IdxError, match=r"train-images-idx3-ubyte.gz' cannot be read"):
+        fashion_mnist(str(root))
 
 
 def test_missing_files_and_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"Fashion-MNIST folder '.*nowhere' does not exist"):
-        FashionMNIST(str(tmp_path / 'nowhere'))
+        fashion_mnist(str(tmp_path / 'nowhere'))
     root = _fake_fmnist(tmp_path / 'fm')
     os.remove(root / 't10k-labels-idx1-ubyte.gz')
-    FashionMNIST(str(root), 'train')
     with pytest.raises(FileNotFoundError, match=r"'t10k-labels-idx1-ubyte' \(or 't10k-labels-idx1-ubyte.gz'\) is not "
                                                 r'in .*dataset-fashion-mnist'):
-        FashionMNIST(str(root), 'test')
+        fashion_mnist(str(root), 'train')
     with pytest.raises(ValueError, match="splits 'train' and 'test', not 'val'"):
-        FashionMNIST(str(root), 'val')
+        fashion_mnist(str(root), 'val')
 
 
 def test_mismatched_images_and_labels(tmp_path):
     root = _fake_fmnist(tmp_path / 'fm', gz=False)
     _write_idx(root / 'train-labels-idx1-ubyte', np.arange(29) % 10)
-    with pytest.raises(IdxError, match=r'holds \(30, 28, 28\) .* \(29,\): expected N images of HxW and N labels'):
-        FashionMNIST(str(root))
+    with pytest.raises(IdxError, match=r'holds 30 train images and 29 labels: expected one label per image'):
+        fashion_mnist(str(root))
     _write_idx(root / 'train-labels-idx1-ubyte', np.arange(30) % 11)
-    with pytest.raises(IdxError, match='has label 10: Fashion-MNIST has 10 classes'):
-        FashionMNIST(str(root))
+    with pytest.raises(IdxError, match='has train label 10: Fashion-MNIST has 10 classes'):
+        fashion_mnist(str(root))
 
 
 def test_balanced_subset():
@@ -127,7 +144,7 @@ def test_resolve_datasets_subsets(tmp_path):
                               eval_subset=10, num_classes=None)
     train, test, classes = resolve_datasets(args)
     assert (len(train), len(test), classes) == (20, 10, 10)
-    assert Counter(train.dataset.targets[i] for i in train.indices) == {c: 2 for c in range(10)}
+    assert Counter(int(train.dataset.targets[i]) for i in train.indices) == {c: 2 for c in range(10)}
     train.transform = lambda img: np.asarray(img)  # timm's loader sets the transform of the dataset it is given
     assert train[0][0].shape == (28, 28)
     args.eval_subset = 21

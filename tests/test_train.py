@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import timm
 import torch
-from torch import nn
 import yaml
 from PIL import Image
 
@@ -46,31 +45,45 @@ def test_digits_training_learns(tmp_path):
     # 10 balanced classes: chance is 10%; an untrained or broken model cannot reach 80%
     assert float(rows[-1]['eval_top1']) > 80.
     assert float(rows[-1]['train_loss']) < float(rows[0]['train_loss'])
-    ckpt = load_training_checkpoint(str(out / 'last.safetensors'))
+    ckpt = load_training_checkpoint(str(out / 'last.pth.tar'))
     assert ckpt['epoch'] == 2 and ckpt['arch'] == 'resnet18_nlp_headfix2_2222' and 'optimizer' in ckpt
     # the exported weights load into the model with timm's own checkpoint loader
     model = timm.create_model('resnet18_nlp_headfix2_2222', num_classes=10)
     timm.models.load_checkpoint(model, str(out / 'model.safetensors'))
-    best = load_training_checkpoint(str(out / 'model_best.safetensors'))
+    best = load_training_checkpoint(str(out / 'model_best.pth.tar'))
     for k, v in model.state_dict().items():
         assert torch.equal(v, best['state_dict'][k])
 
 
+def _columns(stdout: str) -> dict:
+    """compare's table: {model: {column header: cell}}."""
+    lines = [r for r in stdout.splitlines() if r.startswith('| ')]
+    header = [c.strip() for c in lines[0].split('|')[1:-1]]
+    return {cells[0]: dict(zip(header, cells)) for cells in ([c.strip() for c in r.split('|')[1:-1]]
+                                                             for r in lines[1:])}
+
+
 @pytest.mark.slow
-def test_compare_prints_the_table(tmp_path):
-    proc = _cli('compare', '--models', 'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222', '--epochs',
-                '1', '--img-size', '16', '--output', tmp_path / 'cmp', '--no-progress')
-    rows = {r.split('|')[1].strip(): [c.strip() for c in r.split('|')[2:-1]]
-            for r in proc.stdout.splitlines() if r.startswith('| resnet18')}
-    assert set(rows) == {'resnet18_skip_1222', 'resnet18_nlp_headfix2_nowin_reduced_2222'}
-    stock, pooled = rows['resnet18_skip_1222'], rows['resnet18_nlp_headfix2_nowin_reduced_2222']
-    # columns: best-epoch top-1, last-epoch top-1, params, GMACs, peak memory, int8 mcunet peak, int8 patched peak,
-    # stage-1 map, train img/s, weights
-    assert float(stock[7]) == 4 * float(pooled[7])  # the first stage down-sampled by 2: a 4x smaller map
-    assert float(stock[2]) < float(pooled[2])
-    # int8, mcunet, 16 x 16: the stem max-pool's 64 x 8 x 8 input and 64 x 4 x 4 output (the stem conv holds less)
-    assert float(stock[5]) == (64 * 8 * 8 + 64 * 4 * 4) / 1024
-    assert all(Path(r[9]).is_file() for r in rows.values())
+def test_compare_shows_what_early_down_sampling_costs(tmp_path):
+    """The main job's table: memory columns that differ between the models, as counted by hand; the table and the
+    plot saved next to each other."""
+    proc = _cli('compare', '--models', 'mobilenetv2_skip_1222121', 'mobilenetv2_skip_4222121', '--epochs', '1',
+                '--output', tmp_path / 'cmp', '--no-progress')
+    table = _columns(proc.stdout)
+    assert set(table) == {'mobilenetv2_skip_1222121', 'mobilenetv2_skip_4222121'}
+    stock, strided = table['mobilenetv2_skip_1222121'], table['mobilenetv2_skip_4222121']
+    # int8, mcunet, 32 x 32 grey (the defaults): the stock network peaks at the first strided block's depthwise conv,
+    # its 96 x 16 x 16 input and 96 x 8 x 8 output; stride 4 in stage 1 moves the peak to the stem conv, its
+    # 1 x 32 x 32 input and 32 x 16 x 16 output
+    assert float(stock['peak int8 (KiB)']) == (96 * 16 * 16 + 96 * 8 * 8) / 1024
+    assert float(strided['peak int8 (KiB)']) == (32 * 32 + 32 * 16 * 16) / 1024
+    for column in ('peak fp32 (KiB)', 'int8, 4x4 patches (KiB)', 'MMACs'):
+        assert float(strided[column]) < float(stock[column]), column
+    assert stock['params (M)'] == strided['params (M)']
+    assert '2 models, 1 epochs, seed 0, 32x32 grey input' in proc.stdout
+    assert (tmp_path / 'cmp' / 'results.md').read_text().strip() in proc.stdout
+    assert (tmp_path / 'cmp' / 'accuracy_vs_memory.png').read_bytes().startswith(b'\x89PNG')
+    assert all((tmp_path / 'cmp' / name / 'model.safetensors').is_file() for name in table)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300.) -> None:
@@ -98,13 +111,13 @@ def test_interrupt_and_resume(tmp_path, workers):
     out = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, '-m', 'timm_nlp.cli', *args, '--output', str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(out / 'checkpoint-0.safetensors', proc)
+    _wait_for(out / 'checkpoint-0.pth.tar', proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / 'checkpoint-1.safetensors').exists(), 'the run finished before it was killed'
+    assert not (out / 'checkpoint-1.pth.tar').exists(), 'the run finished before it was killed'
     done = [int(r['epoch']) for r in _summary(out)]
     rerun = _cli(*args, '--output', out)
-    assert done == [0] and re.search(r'Resumed from .*last.safetensors. at epoch 1 of 2', rerun.stderr)
+    assert done == [0] and re.search(r'Resumed from .*last.pth.tar. at epoch 1 of 2', rerun.stderr)
     resumed = _summary(out)
     assert [int(r['epoch']) for r in resumed] == [0, 1]
     for r, r_ref in zip(resumed, ref):
@@ -199,6 +212,17 @@ def test_train_script_yaml(path):
         assert cfg['interpolation'] == cfg['train_interpolation'] == 'bilinear'
 
 
+def test_train_py_configs_are_generated_from_the_paper_recipe(tmp_path):
+    """The recipe is written once (timm_nlp.tools.recipes.PAPER_RECIPE): the shipped configs are its output."""
+    from timm_nlp.tools.recipes import PAPER_RECIPE, write_train_py_configs
+    written = [Path(p) for p in write_train_py_configs(str(tmp_path))]
+    assert {p.name for p in written} == {p.name for p in YAMLS if not p.stem.startswith('imagenet')}
+    for path in written:
+        assert path.read_text() == (REPO / 'train_scripts' / path.name).read_text(), path.name
+        cfg = yaml.safe_load(path.read_text())
+        assert all(cfg[k] == v for k, v in PAPER_RECIPE.items() if k not in ('mean', 'std')), path.name
+
+
 def test_paper_grid_models_exist():
     script = (REPO / 'train_scripts' / 'paper_grid.sh').read_text()
     pools = re.search(r'for pool in ([a-z_0-9 ]+);', script).group(1).split()
@@ -239,6 +263,62 @@ def test_bad_input_fails_before_training(tmp_path, args, pattern):
     assert not out.exists()
 
 
+@pytest.mark.parametrize('args,pattern', [
+    (['--dataset', 'fashion_mnist'], r"Unknown --dataset 'fashion_mnist' \(did you mean 'fashion-mnist'\?\): choose "
+                                     r'from fashion-mnist, torch/cifar10, .*torch/qmnist'),
+    (['--dataset', 'torch/cifar100', '--data-dir', 'no/such/dir'],
+     r"--dataset torch/cifar100: Dataset not found.* \(looked in --data-dir 'no/such/dir'; --dataset-download fetches"),
+    (['--dataset', 'fashion-mnist', '--data-dir', 'no/such/dir'], r"Fashion-MNIST folder 'no/such/dir' does not exist"),
+    (['--mean', '0.4', '0.5'], r'--mean has 2 values, and --in-chans 3 takes 3 \(or one for every channel\)'),
+    (['--in-chans', '2'], r'argument --in-chans: invalid choice: 2 \(choose from 1, 3\)'),
+    (['--sched', 'none'], r"argument --sched: invalid choice: 'none' \(choose from 'cosine', "),
+    (['--opt', 'adamw2'], r"--opt adamw2: not one of timm's optimizers: .*adamw,"),
+    (['--num-classes', '5'], r'--num-classes 5 is fewer than the 10 classes of the training data'),
+    (['--val-split', 'test'], r"--val-split test: scikit-learn's digits have one test split"),
+    (['--dataset-download'], r'--dataset-download applies to torch/ data sets only'),
+    (['--dy-anneal-epochs', '2'], r'--dy-anneal-epochs: resnet18_nlp_headfix2_2222 has no dynamic convolutions'),
+    (['--resume', 'no/such/last.pth.tar'], r"Resume checkpoint 'no/such/last.pth.tar' does not exist"),
+])
+def test_bad_input_is_one_line_naming_the_option(tmp_path, args, pattern):
+    out = tmp_path / 'out'
+    line = _one_line_error(_cli('train', *args, '--output', out, check=False, timeout=120))
+    assert re.search(pattern, line), line
+    assert not out.exists()
+
+
+def _grey_folder(root: Path, mode: str, classes: int = 2, per_class: int = 6, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in range(classes):
+            (root / split / f'c{c}').mkdir(parents=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(100 * c, 100 * c + 60, (size, size), np.uint8), mode='L')
+                img.convert(mode).save(root / split / f'c{c}' / f'{i}.png')
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('source,in_chans', [('torch/fashion_mnist', 3), ('torch/fashion_mnist', 1),
+                                             ('grey-folder', 1), ('grey-folder', 3), ('rgb-folder', 1)])
+def test_in_chans_through_every_data_source(tmp_path, source, in_chans):
+    """A torch/ data set (timm's create_dataset) and image folders, grey or RGB, train a model of --in-chans."""
+    from test_data import _fake_fmnist
+    from timm_nlp.checkpoint import read_metadata
+    if source.startswith('torch/'):
+        root = tmp_path / 'torch'
+        _fake_fmnist(root / 'FashionMNIST' / 'raw', n_train=20, n_test=10, gz=False)  # torchvision's layout
+        data = ['--dataset', source, '--data-dir', root]
+    else:
+        data = ['--data-dir', _grey_folder(tmp_path / 'folder', 'L' if source == 'grey-folder' else 'RGB'),
+                '--val-split', 'val']
+    out = tmp_path / 'out'
+    _cli('train', *data, '--model', 'resnet18_lip_2222', '--in-chans', in_chans, '--epochs', '1', '-b', '4',
+         '--img-size', '16', '--no-progress', '--output', out)
+    weights = load_training_checkpoint(str(out / 'last.pth.tar'))['state_dict']
+    assert weights['conv1.weight'].shape[1] == in_chans
+    assert read_metadata(str(out / 'model.safetensors'))['recipe']['in_chans'] == in_chans
+
+
 def test_empty_class_folder_fails_before_training(tmp_path):
     data = _image_folder(tmp_path / 'data', empty_class=True)
     proc = _cli('train', '--data-dir', data, '--output', tmp_path / 'out', check=False, timeout=120)
@@ -270,14 +350,14 @@ def test_image_folder_training(tmp_path):
     out = tmp_path / 'out'
     _cli('train', '--data-dir', data, '--model', 'mobilenetv2_lip_2222121', '--epochs', '1', '--output', out,
          '-b', '6', '--img-size', '24', '--no-progress')
-    meta = load_training_checkpoint(str(out / 'last.safetensors'))
+    meta = load_training_checkpoint(str(out / 'last.pth.tar'))
     assert meta['state_dict']['classifier.weight'].shape[0] == 3
 
 
 # an architecture string that is not a registered name; lr 0.003 over 9 steps puts the model at 100% top-1 and its
 # EMA (decay 0.998) at 67%, so a metric or weights of the wrong one show
 EMA_RUN = ['compare', '--models', 'resnet18-lip-1211', '--model-ema', '--val-split', 'val', '--epochs', '1', '-b', '4',
-           '--lr', '0.003', '--img-size', '16', '--no-progress']
+           '--lr', '0.003', '--img-size', '16', '--in-chans', '3', '--no-progress']
 
 
 def _table(stdout: str):
@@ -296,13 +376,13 @@ def ema_run(tmp_path_factory):
 def test_compare_trains_an_architecture_string(ema_run):
     data, out, stdout = ema_run
     (row,) = _table(stdout)
-    assert row[0] == 'resnet18-lip-1211' and Path(row[10]).is_file()
+    assert row[0] == 'resnet18-lip-1211' and (out / row[0] / 'model.safetensors').is_file()
     assert float(row[5]) == 32  # profiled at 16x16: the stem norm's 64 x 8 x 8 float32 input and output
     # with EMA, both top-1 columns are the EMA's, as are the weights (the model's own top-1 differs, EMA_RUN)
     (last,) = _summary(out / 'resnet18-lip-1211')
     assert float(row[1]) == pytest.approx(float(last['eval_ema_top1']), abs=5e-3) == float(row[2])
     assert float(row[1]) != pytest.approx(float(last['eval_top1']), abs=5e-3)
-    assert '1 models, 1 epochs, seed 0, 16x16 input, test top-1, top-1 of the EMA weights' in stdout
+    assert '1 models, 1 epochs, seed 0, 16x16 RGB input, test top-1, top-1 of the EMA weights' in stdout
 
 
 @pytest.mark.slow
@@ -315,7 +395,7 @@ def test_ema_run_exports_and_scores_the_ema_weights(ema_run):
     (row,) = _summary(run)
     meta = read_metadata(str(run / 'model.safetensors'))
     assert meta['top1'] == float(row['eval_ema_top1']) != float(row['eval_top1'])
-    ema = load_training_checkpoint(str(run / 'model_best.safetensors'))['state_dict_ema']
+    ema = load_training_checkpoint(str(run / 'model_best.pth.tar'))['state_dict_ema']
     weights = load_weights(str(run / 'model.safetensors'))
     assert all(torch.equal(weights[k], v) for k, v in ema.items())
     model = create_model('resnet18-lip-1211', num_classes=3)
@@ -335,18 +415,18 @@ def test_last_checkpoint_records_recipe_and_its_metrics(ema_run, tmp_path):
     _, out, _ = ema_run
     run = out / 'resnet18-lip-1211'
     (row,) = _summary(run)
-    card = (export_for_hub(str(run / 'last.safetensors'), str(tmp_path / 'hub'), 'org/x') / 'README.md').read_text()
+    card = (export_for_hub(str(run / 'last.pth.tar'), str(tmp_path / 'hub'), 'org/x') / 'README.md').read_text()
     # last.safetensors pushes its state_dict (not the EMA): the card scores that model, at the trained size
     assert f"| top-1 on data | {float(row['eval_top1']):.2f} % |" in card
     assert '| MACs @16x16 |' in card and '- img_size: 16' in card and '- model_ema: True' in card
-    assert load_training_checkpoint(str(run / 'last.safetensors'))['label_names'] == ['class0', 'class1', 'class2']
+    assert load_training_checkpoint(str(run / 'last.pth.tar'))['label_names'] == ['class0', 'class1', 'class2']
 
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_returns_its_recorded_results(ema_run):
     data, out, stdout = ema_run
     proc = _cli(*EMA_RUN, '--data-dir', data, '--output', out)
-    assert re.search(r'Resumed from .*last.safetensors. at epoch 1 of 1', proc.stderr)
+    assert re.search(r'Resumed from .*last.pth.tar. at epoch 1 of 1', proc.stderr)
     assert _table(proc.stdout) == _table(stdout)  # metrics, throughput and weights of the finished run
 
 
@@ -362,7 +442,7 @@ def test_rerun_with_model_ema_toggled_keeps_the_ranked_weights(ema_run, tmp_path
     model_file.unlink()  # written again by the rerun
     proc = _cli(*[a for a in EMA_RUN if a != '--model-ema'], '--data-dir', data, '--output', tmp_path / 'ema')
     assert _table(proc.stdout) == [[c.replace(str(out), str(tmp_path / 'ema')) for c in r] for r in _table(stdout)]
-    best = load_training_checkpoint(str(run / 'model_best.safetensors'))
+    best = load_training_checkpoint(str(run / 'model_best.pth.tar'))
     weights = load_weights(str(model_file))
     assert all(torch.equal(weights[k], v) for k, v in best['state_dict_ema'].items())
     assert read_metadata(str(model_file))['top1'] == best['metric'] == float(_summary(run)[0]['eval_ema_top1'])
@@ -374,7 +454,7 @@ def test_rerun_with_model_ema_toggled_keeps_the_ranked_weights(ema_run, tmp_path
     model_file = tmp_path / 'plain' / 'model.safetensors'
     model_file.unlink()
     _cli(*args, '--model-ema')
-    best = load_training_checkpoint(str(tmp_path / 'plain' / 'model_best.safetensors'))
+    best = load_training_checkpoint(str(tmp_path / 'plain' / 'model_best.pth.tar'))
     weights = load_weights(str(model_file))
     assert 'state_dict_ema' not in best and all(torch.equal(weights[k], v) for k, v in best['state_dict'].items())
     assert read_metadata(str(model_file))['top1'] == float(_summary(tmp_path / 'plain')[0]['eval_top1'])
@@ -382,26 +462,22 @@ def test_rerun_with_model_ema_toggled_keeps_the_ranked_weights(ema_run, tmp_path
 
 @pytest.mark.slow
 def test_resume_of_a_run_ranked_by_another_metric(ema_run, tmp_path):
-    import json
     import shutil
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
     data, out, _ = ema_run
     shutil.copytree(out, tmp_path / 'cmp')
     run = tmp_path / 'cmp' / 'resnet18-lip-1211'
-    # last.safetensors as an older timm-nlp wrote it: the EMA run's checkpoints ranked by the model's own top1
-    with safe_open(str(run / 'last.safetensors'), framework='pt') as f:
-        meta = json.loads(f.metadata()['timm_nlp'])
-    assert meta.pop('eval_metric') == 'ema_top1'
-    top1 = meta['metrics']['top1']
-    meta['saver'].update(best_metric=top1, checkpoint_files=[[n, top1] for n, _ in meta['saver']['checkpoint_files']])
-    save_file(load_file(str(run / 'last.safetensors')), str(run / 'last.safetensors'),
-              metadata={'timm_nlp': json.dumps(meta)})
+    # last.pth.tar as a run ranked by the model's own top1 wrote it (the EMA run's checkpoints, re-ranked)
+    ckpt = torch.load(run / 'last.pth.tar', weights_only=False)  # written by this test's own run
+    record = getattr(ckpt['args'], 'timm_nlp')
+    assert record.pop('eval_metric') == 'ema_top1'
+    top1 = record['metrics']['top1']
+    ckpt['saver'].update(best_metric=top1, checkpoint_files=[(n, top1) for n, _ in ckpt['saver']['checkpoint_files']])
+    torch.save(ckpt, run / 'last.pth.tar')
     i = EMA_RUN.index('--epochs') + 1
     proc = _cli(*EMA_RUN[:i], '2', *EMA_RUN[i + 1:], '--data-dir', data, '--output', tmp_path / 'cmp')  # one more
     assert 'ranked its checkpoints by top1; this run ranks by ema_top1' in proc.stderr
     rows = _summary(run)
-    best = load_training_checkpoint(str(run / 'model_best.safetensors'))
+    best = load_training_checkpoint(str(run / 'model_best.pth.tar'))
     assert len(rows) == 2 and best['epoch'] == 1 and best['metric'] == float(rows[1]['eval_ema_top1'])
 
 
@@ -454,6 +530,88 @@ def test_initial_checkpoint_of_another_recorded_architecture(tmp_path, recorded,
             _build_model(args, 3)
 
 
+def _one_line_error(proc: subprocess.CompletedProcess, command: str = 'train') -> str:
+    """The CLI's error: exit status 2, no traceback, the last line of stderr ``timm-nlp CMD: error: ...``."""
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f'timm-nlp {command}: error: '), proc.stderr[-3000:]
+    return line
+
+
+@pytest.mark.slow
+def test_resume_checks_the_architecture_channels_and_tensors(tmp_path):
+    """A rerun resumes under any spelling of the architecture; another architecture, input-channel count, or a
+    checkpoint that lacks tensors of the model is refused in one line that names the problem."""
+    out = tmp_path / 'run'
+    args = ['--epochs', '1', *FAST, '--output', out]
+    _cli('train', '--model', 'resnet18_lip_2222', *args)
+    for extra, pattern in (
+            (['--model', 'resnet18_maxp_2222'], r"is a checkpoint of 'resnet18_lip_2222', not of 'resnet18_maxp_2222'"),
+            (['--model', 'resnet18_lip_2222', '--in-chans', '1'],
+             r'was trained with --in-chans 3: rerun with --in-chans 3, or use another --output')):
+        line = _one_line_error(_cli('train', *extra, *args, check=False, timeout=300))
+        assert re.search(pattern, line), line
+    ckpt = torch.load(out / 'last.pth.tar', weights_only=False)  # written by this test's own run
+    lacking = {k: v for k, v in ckpt['state_dict'].items() if not k.startswith('layer1.pool.')}
+    torch.save(dict(ckpt, state_dict=lacking), tmp_path / 'lacking.pth.tar')
+    line = _one_line_error(_cli('train', '--model', 'resnet18_lip_2222', *args, '--resume',
+                                tmp_path / 'lacking.pth.tar', check=False, timeout=300))
+    assert "lacking.pth.tar' does not match resnet18_lip_2222: missing key(s) in state_dict: layer1.pool." in line
+    i = args.index('--epochs') + 1
+    proc = _cli('train', '--model', 'RESNET18-LIP-2222', *args[:i], '2', *args[i + 1:])
+    assert re.search(r'Resumed from .*last.pth.tar. at epoch 1 of 2', proc.stderr)
+    assert [int(r['epoch']) for r in _summary(out)] == [0, 1]
+
+
+def test_a_run_in_the_earlier_safetensors_format_is_refused(tmp_path):
+    """Nothing of a run that an earlier timm-nlp wrote is overwritten: its resume file is refused, saying what to do."""
+    import json
+    from safetensors.torch import save_file
+    out = tmp_path / 'run'
+    out.mkdir()
+    save_file({'state_dict.fc.weight': torch.zeros(10, 512)}, str(out / 'last.safetensors'),
+              metadata={'timm_nlp': json.dumps(dict(epoch=0, arch='resnet18_lip_2222', saver={}))})
+    line = _one_line_error(_cli('train', '--model', 'resnet18_lip_2222', '--output', out, check=False, timeout=120))
+    assert 'a training checkpoint of an earlier timm-nlp (safetensors)' in line and '--initial-checkpoint' in line
+    assert sorted(p.name for p in out.iterdir()) == ['last.safetensors']
+
+
+def test_resume_restores_the_amp_loss_scaler(tmp_path):
+    """timm's checkpoint keeps the float16 loss scaler's state and resume() restores it (resume_checkpoint)."""
+    import argparse
+    from timm.task import ClassificationTask
+    from timm.utils import CheckpointSaver, NativeScaler
+    from timm_nlp.trainer import add_train_args, resume
+    args = add_train_args(argparse.ArgumentParser()).parse_args(['--model', 'resnet18_skip_1222', '--amp', '--output',
+                                                                 str(tmp_path)])
+    model = timm.create_model('resnet18_skip_1222', num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = NativeScaler(device='cpu')
+    scaler.load_state_dict(dict(scaler.state_dict(), scale=256., _growth_tracker=7))
+    run_args = argparse.Namespace(**vars(args), timm_nlp=dict(architecture=args.model))
+    CheckpointSaver(model, optimizer, args=run_args, amp_scaler=scaler, checkpoint_dir=str(tmp_path)).save_checkpoint(0)
+    fresh = NativeScaler(device='cpu')
+    start, finished = resume(args, model, ClassificationTask(model), optimizer, fresh, None, num_epochs=2)
+    assert (start, finished) == (1, None)
+    assert (fresh.state_dict()['scale'], fresh.state_dict()['_growth_tracker']) == (256., 7)
+
+
+@pytest.mark.slow
+def test_amp_trains_and_resumes_the_loss_scaler(tmp_path):
+    data = _image_folder(tmp_path / 'data', per_class=6, size=16)  # 18 training images, 3 steps of 6
+    args = ['train', '--model', 'resnet18_skip_1222', '--data-dir', data, '--val-split', 'val', '-b', '6',
+            '--img-size', '16', '--amp', '--no-progress', '--output', tmp_path / 'run']
+    _cli(*args, '--epochs', '1')
+    path = tmp_path / 'run' / 'last.pth.tar'
+    ckpt = torch.load(path, weights_only=False)  # written by this test's own run
+    assert 'amp_scaler' in ckpt
+    ckpt['amp_scaler'].update(scale=256., _growth_tracker=100)  # a state a fresh scaler would not have
+    torch.save(ckpt, path)
+    _cli(*args, '--epochs', '2')
+    state = load_training_checkpoint(str(path))['amp_scaler']
+    assert (state['scale'], state['_growth_tracker']) == (256., 103)  # continued over the second epoch's 3 steps
+
+
 def test_resume_from_plain_weights_is_refused(tmp_path):
     from timm_nlp.checkpoint import save_weights
     path = tmp_path / 'model.safetensors'
@@ -463,14 +621,6 @@ def test_resume_from_plain_weights_is_refused(tmp_path):
                 timeout=120)
     assert proc.returncode == 2 and 'holds plain model weights, not a training checkpoint' in proc.stderr
     assert 'use --initial-checkpoint' in proc.stderr and not (tmp_path / 'out' / 'summary.csv').exists()
-
-
-def test_saver_metadata_cannot_shadow_its_own_keys(tmp_path):
-    from timm_nlp.checkpoint import SafetensorsCheckpointSaver
-    model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"metadata keys \['epoch'\] are written by the saver itself"):
-        SafetensorsCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
-                                   metadata=dict(epoch=9, recipe={}))
 
 
 def test_process_device_under_torchrun(monkeypatch):
@@ -572,11 +722,11 @@ def test_train_reports_best_and_last_epoch_top1_and_anneals_only_when_asked(tmp_
     assert float(result['best_top1']) == pytest.approx(max(tops)) and int(result['best_epoch']) == tops.index(max(tops))
     assert float(result['last_top1']) == pytest.approx(tops[-1])
     from timm_nlp.checkpoint import read_metadata
-    ckpt = load_training_checkpoint(str(tmp_path / 'run' / 'last.safetensors'))
+    ckpt = load_training_checkpoint(str(tmp_path / 'run' / 'last.pth.tar'))
     temps = {v.item() for k, v in ckpt['state_dict'].items() if k.endswith('temperature')}
     assert temps == {34.} and read_metadata(str(tmp_path / 'run' / 'model.safetensors'))['recipe']['recipe'] == 'paper'
     _cli('train', *args, '--output', tmp_path / 'anneal', '--dy-anneal-epochs', '2')
-    ckpt = load_training_checkpoint(str(tmp_path / 'anneal' / 'last.safetensors'))
+    ckpt = load_training_checkpoint(str(tmp_path / 'anneal' / 'last.pth.tar'))
     # epoch 0 at 34, epoch 1 at 17.5, epoch 2 (the last) at 1: linear to 1 over 2 epochs
     assert {v.item() for k, v in ckpt['state_dict'].items() if k.endswith('temperature')} == {1.}
 

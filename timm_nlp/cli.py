@@ -1,85 +1,12 @@
 """The ``timm-nlp`` command line: train, compare, profile, push (Hugging Face Hub), convert-paper (checkpoints of the
 paper's code), stl10 (dataset conversion)."""
 import argparse
-import copy
 import logging
 import os
-import statistics
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
-__all__ = ['main', 'COMPARE_MODELS']
-
-# the pooling variants of the comparison run: stock strides, then the first stage down-sampled by 2
-COMPARE_MODELS = (
-    'resnet18_skip_1222', 'resnet18_maxp_2222', 'resnet18_lip_2222', 'resnet18_gaussian_pool_2222',
-    'resnet18_nlp_headfix2_2222', 'resnet18_nlp_headfix2_nowin_reduced_2222',
-)
-
-
-COMPARE_PATCHES = 4
-
-
-def _patched_int8_peak(model, size) -> Optional[int]:
-    """The int8 mcunet peak of patch-based execution (4 x 4 patches, the best split), None where none applies."""
-    from .patching import lowest_patched_profile
-    try:
-        return lowest_patched_profile(model, size, COMPARE_PATCHES, dtype='int8')[1].peak_bytes
-    except ValueError:
-        return None
-
-
-def _compare(args: argparse.Namespace) -> Dict[str, List[dict]]:
-    """Train every model with ``args.seeds`` seeds (seed, seed + 1, ...) and print one table of the results."""
-    import torch
-    from .models import create_model
-    from .profiler import activation_profile, count_macs
-    from .tools.tables import markdown_table, mean_std, within_spread
-    from .trainer import parse_models, train
-    results: Dict[str, List[dict]] = {}
-    for name in parse_models(args.models):
-        for k in range(args.seeds):
-            run = copy.copy(args)
-            run.model, run.seed = name, args.seed + k
-            run.output = os.path.join(args.output, name) if args.seeds == 1 else \
-                os.path.join(args.output, name, f'seed{run.seed}')
-            result = train(run)
-            if result.get('output') is None:  # a non-zero rank under torchrun
-                continue
-            results.setdefault(name, []).append(result)
-    if not results:
-        return results
-    size = (args.in_chans, args.img_size, args.img_size)
-    rows, best = [], {}
-    for name, runs in results.items():
-        model = create_model(name, device='meta', in_chans=args.in_chans)
-        stage1 = create_model(name, features_only=True, out_indices=(1,), device='meta', in_chans=args.in_chans)
-        stage1_kib = stage1.eval()(torch.empty(1, *size, device='meta'))[0].numel() * 4 / 1024
-        best[name] = [r['best_top1'] for r in runs]
-        int8 = activation_profile(model, size, dtype='int8', accounting='mcunet').peak_bytes
-        patched = _patched_int8_peak(model, size)
-        rows.append([name, mean_std(best[name]), mean_std([r['last_top1'] for r in runs]),
-                     f"{runs[0]['params'] / 1e6:.2f}", f'{count_macs(model, size) / 1e9:.3f}',
-                     f'{activation_profile(model, size).peak_bytes / 1024:.0f}', f'{int8 / 1024:.1f}',
-                     f'{patched / 1024:.1f}' if patched else '-', f'{stage1_kib:.0f}',
-                     f"{statistics.mean(r['train_img_s'] for r in runs):.0f}", runs[0]['weights']])
-    # the top-1 columns are of the weights that rank the checkpoints and are exported: the EMA's with EMA
-    ema = [name for name, runs in results.items() if runs[0]['eval_metric'] == 'ema_top1']
-    note = ', top-1 of the EMA weights' if ema else ''
-    if ema and len(ema) < len(results):
-        note += f" ({', '.join(ema)})"
-    seeds = f'{args.seeds} seeds each ({args.seed}..{args.seed + args.seeds - 1}), mean ± std' if args.seeds > 1 \
-        else f'seed {args.seed}'
-    print(f'\n{len(results)} models, {args.epochs} epochs, {seeds}, {args.img_size}x{args.img_size} input, '
-          f'test top-1{note}\n')
-    print(markdown_table(['model', 'best-epoch top-1 (%)', 'last-epoch top-1 (%)', 'params (M)', 'GMACs',
-                          'peak act. mem (KiB)', 'int8 mcunet peak (KiB)', f'int8 {COMPARE_PATCHES}x{COMPARE_PATCHES} '
-                          'patches (KiB)', 'stage-1 map (KiB)', 'train img/s', 'weights'], rows))
-    if args.seeds > 1:
-        pairs = within_spread(best)
-        print('\nBest-epoch top-1 differences within the seeds\' spread (|mean difference| <= the sum of the two '
-              'standard deviations): ' + ('; '.join(f'{a} ~ {b}' for a, b in pairs) if pairs else 'none') + '.')
-    return results
+__all__ = ['main', 'build_parser']
 
 
 def _profile_json(p, args: argparse.Namespace) -> dict:
@@ -159,17 +86,19 @@ def _stl10(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compare import COMPARE_DEFAULTS, COMPARE_MODELS, compare
     from .profiler import ACCOUNTINGS, DTYPES
     from .trainer import add_train_args, positive_int
     parser = argparse.ArgumentParser(prog='timm-nlp', description='Self-Attentive Pooling for timm.')
     sub = parser.add_subparsers(dest='command', required=True)
     p = add_train_args(sub.add_parser('train', help='train one model (default data: scikit-learn digits)'))
     p.set_defaults(func=_train)
-    p = add_train_args(sub.add_parser('compare', help='train several pooling variants and print a table'))
+    p = add_train_args(sub.add_parser(
+        'compare', help='the main job: train networks that down-sample early in different ways, print accuracy, MACs '
+                        'and memory, plot accuracy against memory'))
     p.add_argument('--models', nargs='+', default=list(COMPARE_MODELS))
     p.add_argument('--seeds', type=positive_int, default=1, help='train every model with this many seeds')
-    # sized to finish in under 5 minutes on 2 CPU cores with the digits default
-    p.set_defaults(func=_compare, output='output/compare', epochs=3, batch_size=64, lr=0.02, img_size=28)
+    p.set_defaults(func=compare, **COMPARE_DEFAULTS)
     p = sub.add_parser('profile', help='activation memory, MACs and params, per layer or compared')
     p.add_argument('models', nargs='+', help='registered model names (stock timm names too)')
     p.add_argument('--img-size', type=positive_int, default=224)
@@ -214,6 +143,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one ``timm-nlp`` command; bad input ends in one line, ``timm-nlp CMD: error: ...``, and exit status 2.
+
+    Args:
+        argv: The arguments (default: ``sys.argv[1:]``).
+    """
     from timm.utils import setup_default_logging
     from .trainer import close_distributed
     setup_default_logging()
@@ -221,9 +155,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f'timm-nlp {args.command}: error: {e}', file=sys.stderr)
+    except (ValueError, OSError, ImportError) as e:  # FileNotFoundError and CheckpointError among them
+        print(f"timm-nlp {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = ': rerun the same command to resume from the last finished epoch' \
+            if args.command in ('train', 'compare') else ''
+        print(f'timm-nlp {args.command}: interrupted{resume}.', file=sys.stderr)
+        return 130
     finally:
         close_distributed()  # train() keeps the process group of torchrun for its later calls (compare)
     return 0

@@ -1,69 +1,59 @@
-"""Datasets of timm-nlp's trainer: Fashion-MNIST from its IDX files, scikit-learn's digits, image folders.
+"""Data sets of timm-nlp's trainer: Fashion-MNIST, scikit-learn's digits, timm/torchvision data sets, image folders.
 
-Fashion-MNIST (Xiao et al., 2017: 70,000 28x28 grey photographs of clothing, 10 classes, MIT licence) is read from
-the four standard IDX files, gzipped or not, e.g. those of Debian's ``dataset-fashion-mnist`` package
-(``/usr/share/datasets/fashion-mnist``); torchvision's ``FashionMNIST(download=True)`` fetches the same files.
+Fashion-MNIST (Xiao et al., 2017: 70,000 28x28 grey photographs of clothing, 10 classes, MIT licence) is read by
+torchvision's ``FashionMNIST`` (as timm's ``torch/fashion_mnist`` reads it). That reader wants the four IDX files
+uncompressed in ``ROOT/FashionMNIST/raw/`` and checks nothing about them; ``prepare_fashion_mnist`` makes that
+layout from any folder with the four files, gzipped or not (e.g. Debian's ``dataset-fashion-mnist`` package,
+``/usr/share/datasets/fashion-mnist``), unpacked once into a cache folder, and reads each file there with
+torchvision's own IDX reader, so that a missing, truncated or corrupt file is reported by name.
+
+Every source gives PIL images in the mode of the model's input (``ImageView``): grey (``L``) for ``in_chans`` 1,
+``RGB`` for 3, whatever the files hold.
 """
 import argparse
+import difflib
 import gzip
+import hashlib
 import os
-import struct
-from typing import List, Optional, Sequence, Tuple
+import shutil
+import tempfile
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
+from torchvision.datasets import FashionMNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from timm.data import create_dataset
 
 __all__ = [
-    'FashionMNIST', 'DigitsDataset', 'TransformSubset', 'read_idx', 'balanced_subset', 'dataset_targets',
-    'resolve_datasets',
-    'default_fashion_mnist_dir', 'FASHION_MNIST_CLASSES', 'IdxError', 'IMG_EXTENSIONS',
+    'DigitsDataset', 'ImageView', 'prepare_fashion_mnist', 'fashion_mnist', 'balanced_subset', 'dataset_targets',
+    'resolve_datasets', 'dataset_name', 'default_fashion_mnist_dir', 'IdxError', 'IMG_EXTENSIONS', 'DATASETS',
+    'IMAGE_MODES',
 ]
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)  # Debian's dataset-fashion-mnist
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
-                         'Bag', 'Ankle boot')
-_FASHION_MNIST_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-                        'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
-# IDX magic numbers: two zero bytes, the element type (0x08: unsigned byte) and the number of dimensions
-_IDX_MAGIC = {0x00000801: 1, 0x00000803: 3}
+# the PIL mode of each input channel count
+IMAGE_MODES = {1: 'L', 3: 'RGB'}
+# --dataset: the package's Fashion-MNIST reader, and the torchvision data sets timm's create_dataset builds
+DATASETS = ('fashion-mnist', 'torch/cifar10', 'torch/cifar100', 'torch/mnist', 'torch/kmnist', 'torch/fashion_mnist',
+            'torch/qmnist')
+_FASHION_MNIST_FILES = {'train-images-idx3-ubyte': read_image_file, 'train-labels-idx1-ubyte': read_label_file,
+                        't10k-images-idx3-ubyte': read_image_file, 't10k-labels-idx1-ubyte': read_label_file}
 
 
 class IdxError(ValueError):
-    """An IDX file that is not what it should be (wrong magic number, truncated)."""
-
-
-def read_idx(path: str) -> np.ndarray:
-    """The array of an IDX file of unsigned bytes (``.gz`` or not): labels (1-D) or images (3-D)."""
-    opener = gzip.open if path.endswith('.gz') else open
-    try:
-        with opener(path, 'rb') as f:
-            data = f.read()
-    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
-        raise IdxError(f"'{path}' cannot be read: {e}.") from None
-    if len(data) < 4:
-        raise IdxError(f"'{path}' is truncated: {len(data)} bytes, not even an IDX header.")
-    magic = struct.unpack('>I', data[:4])[0]
-    if magic not in _IDX_MAGIC:
-        raise IdxError(f"'{path}' is not an IDX file of unsigned bytes: magic number 0x{magic:08x}, expected "
-                       '0x00000801 (labels) or 0x00000803 (images).')
-    ndim = _IDX_MAGIC[magic]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IdxError(f"'{path}' is truncated: {len(data)} bytes, its header alone takes {header}.")
-    dims = struct.unpack(f'>{ndim}I', data[4:header])
-    size = int(np.prod(dims))
-    if len(data) - header != size:
-        raise IdxError(f"'{path}' is truncated or padded: its header says {'x'.join(map(str, dims))} = {size} bytes "
-                       f'of data, the file has {len(data) - header}.')
-    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+    """An IDX file that is not what it should be (wrong magic number, truncated, padded)."""
 
 
 def default_fashion_mnist_dir() -> str:
     """The first existing folder of the known Fashion-MNIST locations (Debian's package), else its path."""
     return next((d for d in FASHION_MNIST_DIRS if os.path.isdir(d)), FASHION_MNIST_DIRS[0])
+
+
+def _cache_dir() -> str:
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'timm-nlp')
 
 
 def _find_idx(root: str, stem: str) -> str:
@@ -75,9 +65,79 @@ def _find_idx(root: str, stem: str) -> str:
                             "fashion-mnist) or pass --data-dir to a folder with the four IDX files.")
 
 
+def _unpack_checked(src: str, dst: str, read: Callable[[str], Any]) -> None:
+    """Unpack ``src`` (gzipped or not) to ``dst`` atomically, once torchvision's IDX reader ``read`` accepts it."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix='.unpacking-')
+    try:
+        with (gzip.open if src.endswith('.gz') else open)(src, 'rb') as f, os.fdopen(fd, 'wb') as out:
+            shutil.copyfileobj(f, out)
+        read(tmp)
+    except (OSError, EOFError) as e:  # a truncated or corrupt gzip stream
+        os.remove(tmp)
+        raise IdxError(f"'{src}' cannot be read: {e}.") from None
+    except (AssertionError, ValueError, TypeError, RuntimeError, KeyError) as e:
+        os.remove(tmp)
+        what = 'labels' if read is read_label_file else 'images'
+        reason = str(e) or 'its header is not one of an IDX file of unsigned bytes'
+        raise IdxError(f"'{src}' is not an IDX file of {what} of unsigned bytes (truncated, padded or with another "
+                       f'magic number): {reason}.') from None
+    os.replace(tmp, dst)
+
+
+def prepare_fashion_mnist(src: str, cache_dir: Optional[str] = None) -> str:
+    """The root that torchvision's ``FashionMNIST`` reads, made from a folder with Fashion-MNIST's four IDX files.
+
+    The files (gzipped or not) are unpacked into ``CACHE/fashion-mnist/KEY/FashionMNIST/raw/``, KEY a digest of their
+    paths, sizes and times, so that they are unpacked and checked once and a changed file is unpacked again.
+
+    Args:
+        src: Folder with ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
+            ``t10k-labels-idx1-ubyte``, each gzipped or not.
+        cache_dir: Where to unpack them (default: ``$XDG_CACHE_HOME/timm-nlp``, else ``~/.cache/timm-nlp``).
+    """
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"Fashion-MNIST folder '{src}' does not exist. Install Debian's "
+                                'dataset-fashion-mnist or pass --data-dir to a folder with the four IDX files.')
+    files = {stem: _find_idx(src, stem) for stem in _FASHION_MNIST_FILES}
+    stats = [(os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in files.values()]
+    key = hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+    root = os.path.join(cache_dir or _cache_dir(), 'fashion-mnist', key)
+    raw = os.path.join(root, 'FashionMNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    for stem, path in files.items():
+        if not os.path.isfile(os.path.join(raw, stem)):
+            _unpack_checked(path, os.path.join(raw, stem), _FASHION_MNIST_FILES[stem])
+    return root
+
+
+def fashion_mnist(src: str, split: str = 'train', cache_dir: Optional[str] = None) -> FashionMNIST:
+    """torchvision's ``FashionMNIST`` of one split, read from a folder with the four IDX files.
+
+    Args:
+        src: Folder with the four IDX files, gzipped or not (``prepare_fashion_mnist``).
+        split: 'train' (60,000 images) or 'test' (10,000).
+        cache_dir: Where they are unpacked (``prepare_fashion_mnist``).
+    """
+    if split not in ('train', 'test'):
+        raise ValueError(f"Fashion-MNIST has the splits 'train' and 'test', not '{split}'.")
+    ds = FashionMNIST(prepare_fashion_mnist(src, cache_dir), train=split == 'train')
+    if len(ds.data) != len(ds.targets):
+        raise IdxError(f"'{src}' holds {len(ds.data)} {split} images and {len(ds.targets)} labels: expected one label "
+                       'per image.')
+    if int(ds.targets.max()) >= len(ds.classes):
+        raise IdxError(f"'{src}' has {split} label {int(ds.targets.max())}: Fashion-MNIST has 10 classes.")
+    return ds
+
+
 def balanced_subset(targets: Sequence[int], n: int, seed: int = 0) -> List[int]:
     """``n`` indices with the classes as equal as they can be (the first classes take the remainder), a fixed
-    random choice within each class for a given ``seed``, in index order."""
+    random choice within each class for a given ``seed``, in index order.
+
+    Args:
+        targets: The class index of every sample.
+        n: How many to keep.
+        seed: Seed of the choice within each class.
+    """
     targets = np.asarray(targets)
     classes = np.unique(targets)
     rng = np.random.default_rng(seed)
@@ -92,87 +152,66 @@ def balanced_subset(targets: Sequence[int], n: int, seed: int = 0) -> List[int]:
 
 
 def dataset_targets(dataset: Dataset) -> List[int]:
-    """The class index of every sample (from the dataset's ``targets`` or its timm reader, without loading images)."""
+    """The class index of every sample (from the dataset's ``targets`` or its timm reader, without loading images).
+
+    Args:
+        dataset: A torchvision or timm data set.
+    """
     if hasattr(dataset, 'targets'):
-        return list(dataset.targets)
+        return [int(t) for t in dataset.targets]
     reader = getattr(dataset, 'reader', None)
     if reader is not None and hasattr(reader, 'samples'):
         return [t for _, t in reader.samples]
     raise ValueError(f'{type(dataset).__name__} does not list its targets: a class-balanced subset needs them.')
 
 
-class TransformSubset(Subset):
-    """A subset whose ``transform`` is its dataset's (timm's ``create_loader`` sets the transform on the dataset it is
-    given)."""
+class ImageView(Dataset):
+    """Samples of an image data set (all, or a fixed subset) as PIL images of one mode, under this view's transform.
 
-    @property
-    def transform(self):
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value) -> None:
-        self.dataset.transform = value
-
-
-class _GreyImages(Dataset):
-    """Grey uint8 images ``self.images`` (N, H, W) with ``self.targets`` as PIL images, replicated to RGB for
-    ``in_chans`` 3."""
-    images: np.ndarray
-    targets: List[int]
-    in_chans: int
-    transform = None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-        img = Image.fromarray(self.images[i], mode='L')
-        if self.in_chans == 3:
-            img = img.convert('RGB')
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[i]
-
-
-class FashionMNIST(_GreyImages):
-    """Fashion-MNIST from its IDX files as PIL images (grey, or replicated to RGB with ``in_chans=3``).
+    timm's ``create_loader`` sets ``transform`` on the data set it is given: here the view's, applied after the mode
+    conversion; the wrapped data set returns untransformed PIL images.
 
     Args:
-        root: Folder with ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and
-            ``t10k-labels-idx1-ubyte``, each gzipped or not.
-        split: 'train' (60,000 images) or 'test' (10,000).
-        in_chans: 1 (grey) or 3 (the grey value in every channel, for RGB models and stock weights).
+        dataset: A map-style data set of ``(PIL image, class index)`` with no transform of its own.
+        mode: The PIL mode of every image: 'L' (grey, one channel) or 'RGB'.
+        indices: The samples to keep (default: all).
     """
 
-    def __init__(self, root: str, split: str = 'train', transform=None, in_chans: int = 3):
-        if split not in _FASHION_MNIST_FILES:
-            raise ValueError(f"Fashion-MNIST has the splits 'train' and 'test', not '{split}'.")
-        if in_chans not in (1, 3):
-            raise ValueError(f'Fashion-MNIST images are grey: in_chans 1, or 3 to replicate them, not {in_chans}.')
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"Fashion-MNIST folder '{root}' does not exist. Install Debian's "
-                                    'dataset-fashion-mnist or pass --data-dir to a folder with the four IDX files.')
-        images_file, labels_file = (_find_idx(root, stem) for stem in _FASHION_MNIST_FILES[split])
-        self.images, labels = read_idx(images_file), read_idx(labels_file)
-        if self.images.ndim != 3 or labels.ndim != 1 or len(self.images) != len(labels):
-            raise IdxError(f"'{images_file}' holds {self.images.shape} and '{labels_file}' {labels.shape}: expected "
-                           'N images of HxW and N labels.')
-        if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
-            raise IdxError(f"'{labels_file}' has label {labels.max()}: Fashion-MNIST has 10 classes.")
-        self.targets = labels.astype(np.int64).tolist()
-        self.classes = list(FASHION_MNIST_CLASSES)
-        self.transform = transform
-        self.in_chans = in_chans
+    def __init__(self, dataset: Dataset, mode: str, indices: Optional[Sequence[int]] = None):
+        self.dataset, self.mode, self.transform = dataset, mode, None
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        img, target = self.dataset[self.indices[i]]
+        if img.mode != self.mode:
+            img = img.convert(self.mode)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, target
+
+    @property
+    def label_names(self) -> Optional[List[str]]:
+        """The class names in class-index order, where the data set has them."""
+        names = getattr(self.dataset, 'classes', None)
+        reader = getattr(self.dataset, 'reader', None)
+        if names is None and hasattr(reader, 'class_to_idx'):
+            names = [c for c, _ in sorted(reader.class_to_idx.items(), key=lambda kv: kv[1])]
+        return [str(n) for n in names] if names is not None else None
 
 
-class DigitsDataset(_GreyImages):
-    """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) as RGB PIL images.
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits (1797 real 8x8 scans, 10 classes) as grey PIL images.
 
     A fixed stratified 80/20 split (seed 0) gives ``train`` and ``validation``; the transform up-samples.
+
+    Args:
+        split: 'train' or 'validation'.
     """
 
-    def __init__(self, split: str = 'train', transform=None, in_chans: int = 3):
+    def __init__(self, split: str = 'train'):
         try:
             from sklearn.datasets import load_digits
             from sklearn.model_selection import train_test_split
@@ -185,8 +224,13 @@ class DigitsDataset(_GreyImages):
         self.images = (digits.images[keep] * (255. / 16.)).clip(0, 255).astype(np.uint8)
         self.targets = digits.target[keep].tolist()
         self.classes = [str(c) for c in range(10)]
-        self.transform = transform
-        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        return Image.fromarray(self.images[i], mode='L'), self.targets[i]
 
 
 def _check_image_folder(root: str, split: str) -> str:
@@ -206,27 +250,63 @@ def _check_image_folder(root: str, split: str) -> str:
     return path
 
 
-def _subset(dataset: Dataset, n: Optional[int], option: str, split: str) -> Dataset:
-    if not n:
-        return dataset
-    targets = dataset_targets(dataset)
-    if n > len(targets):
-        raise ValueError(f'{option} {n} is larger than the {len(targets)} {split} images.')
-    return TransformSubset(dataset, balanced_subset(targets, n, seed=0))
+def dataset_name(args: argparse.Namespace) -> str:
+    """The data set a run trains on, as recorded with its weights: the --dataset name, the image folder's name, or
+    'sklearn-digits'."""
+    if args.dataset:
+        return args.dataset
+    return os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else 'sklearn-digits'
 
 
-def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
-    """Train and eval datasets and the class count: Fashion-MNIST, an image folder, a timm/torchvision dataset, or
-    the digits; ``args.train_subset`` and ``args.eval_subset`` keep fixed, class-balanced subsets of the splits."""
-    in_chans = getattr(args, 'in_chans', 3)
-    if args.dataset == 'fashion-mnist':
+def _check_dataset_name(name: str) -> None:
+    if name.lower() in DATASETS:
+        return
+    close = difflib.get_close_matches(name.lower(), DATASETS, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ''
+    raise ValueError(f"Unknown --dataset '{name}'{hint}: choose from {', '.join(DATASETS)}, or leave it out to read "
+                     "the image folder of --data-dir (scikit-learn's digits without one).")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse a --dataset that is none of ``DATASETS`` and the options its source does not use."""
+    if args.dataset:
+        _check_dataset_name(args.dataset)
+    torch_ds = args.dataset.lower().startswith('torch/')
+    if getattr(args, 'dataset_download', False) and not torch_ds:
+        raise ValueError('--dataset-download applies to torch/ data sets only (fashion-mnist reads the files of '
+                         '--data-dir; torchvision\'s FashionMNIST(download=True) fetches them).')
+    split = getattr(args, 'val_split', 'validation')
+    if split != 'validation' and not torch_ds and not (args.data_dir and not args.dataset):
+        which = 'Fashion-MNIST is evaluated on its test split' if args.dataset else \
+            "scikit-learn's digits have one test split (a fixed 20% of the images)"
+        raise ValueError(f'--val-split {split}: {which}; --val-split applies to image folders and torch/ data sets.')
+
+
+def _torch_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset]:
+    """A torchvision data set by timm's name (``torch/cifar100``), in --data-dir."""
+    kw = dict(root=args.data_dir or '.', download=args.dataset_download)
+    try:
+        return (create_dataset(args.dataset, split='train', is_training=True, **kw),
+                create_dataset(args.dataset, split=args.val_split, **kw))
+    except RuntimeError as e:  # torchvision: not found (or corrupt) and not downloaded
+        raise FileNotFoundError(f"--dataset {args.dataset}: {' '.join(str(e).split())} (looked in --data-dir "
+                                f"'{kw['root']}'; --dataset-download fetches it there).") from None
+
+
+def resolve_datasets(args: argparse.Namespace) -> Tuple[ImageView, ImageView, int]:
+    """Train and eval data sets (``ImageView``s in the mode of ``args.in_chans``) and the class count.
+
+    Args:
+        args: ``timm-nlp train`` arguments: ``dataset`` (``DATASETS``; '' for an image folder in ``data_dir``, or
+            the digits without one), ``data_dir``, ``val_split``, ``dataset_download``, ``in_chans``,
+            ``train_subset`` and ``eval_subset`` (fixed, class-balanced subsets), ``num_classes``.
+    """
+    _check_options(args)
+    if args.dataset.lower() == 'fashion-mnist':
         root = args.data_dir or default_fashion_mnist_dir()
-        train_ds = FashionMNIST(root, 'train', in_chans=in_chans)
-        eval_ds = FashionMNIST(root, 'test', in_chans=in_chans)
-    elif args.dataset:  # a timm dataset name, e.g. torch/cifar100, hfds/..., with --data-dir as its root
-        kw = dict(root=args.data_dir, download=args.dataset_download)
-        train_ds = create_dataset(args.dataset, split='train', is_training=True, **kw)
-        eval_ds = create_dataset(args.dataset, split=args.val_split, **kw)
+        train_ds, eval_ds = fashion_mnist(root, 'train'), fashion_mnist(root, 'test')
+    elif args.dataset:
+        train_ds, eval_ds = _torch_datasets(args)
     elif args.data_dir:
         if not os.path.isdir(args.data_dir):
             raise FileNotFoundError(f"Data dir '{args.data_dir}' does not exist.")
@@ -240,15 +320,21 @@ def resolve_datasets(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
                              'could not predict them (train and eval splits need the same class folders).')
         eval_ds = create_dataset('', root=eval_root, class_map=class_to_idx)
     else:
-        train_ds, eval_ds = DigitsDataset('train', in_chans=in_chans), DigitsDataset('validation', in_chans=in_chans)
-    if hasattr(train_ds, 'reader') and hasattr(train_ds.reader, 'class_to_idx'):
-        num_classes = len(train_ds.reader.class_to_idx)
-    elif hasattr(train_ds, 'classes'):
-        num_classes = len(train_ds.classes)
-    elif hasattr(getattr(train_ds, 'reader', None), 'classes'):
-        num_classes = len(train_ds.reader.classes)
-    else:
+        train_ds, eval_ds = DigitsDataset('train'), DigitsDataset('validation')
+    views = []
+    for ds, n, option, split in ((train_ds, args.train_subset, '--train-subset', 'training'),
+                                 (eval_ds, args.eval_subset, '--eval-subset', 'test')):
+        indices = None
+        if n:
+            targets = dataset_targets(ds)
+            if n > len(targets):
+                raise ValueError(f'{option} {n} is larger than the {len(targets)} {split} images.')
+            indices = balanced_subset(targets, n, seed=0)
+        views.append(ImageView(ds, IMAGE_MODES[args.in_chans], indices))
+    names = views[0].label_names
+    if args.num_classes is None and names is None:
         raise ValueError('Cannot tell the number of classes of the dataset; pass --num-classes.')
-    train_ds = _subset(train_ds, getattr(args, 'train_subset', None), '--train-subset', 'training')
-    eval_ds = _subset(eval_ds, getattr(args, 'eval_subset', None), '--eval-subset', 'test')
-    return train_ds, eval_ds, args.num_classes or num_classes
+    if args.num_classes is not None and names is not None and args.num_classes < len(names):
+        raise ValueError(f'--num-classes {args.num_classes} is fewer than the {len(names)} classes of the training '
+                         'data; leave it out to take theirs.')
+    return views[0], views[1], args.num_classes or len(names)

@@ -14,28 +14,33 @@ from torch import nn
 import timm
 from timm.models import save_for_hf
 
-from .checkpoint import CheckpointError, load_weights, read_metadata
+from .checkpoint import CheckpointError, checkpoint_record, load_error_summary, load_weights
 from .grammar import ArchSpec
 from .models import create_model
+from .tools.tables import markdown_table
 
 __all__ = ['export_for_hub', 'push', 'model_card']
 
+
 def _checkpoint_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
-    """The model a trainer checkpoint describes, with its weights, and the checkpoint's metadata."""
-    meta = read_metadata(checkpoint) if checkpoint.endswith('.safetensors') else None
-    if not meta:
-        raise CheckpointError(f"'{checkpoint}' has no timm-nlp metadata (architecture, classes); push a "
+    """The model a trainer checkpoint describes (its architecture, classes and input channels), with its weights,
+    and the checkpoint's record."""
+    meta = checkpoint_record(checkpoint)
+    if not meta.get('architecture'):
+        raise CheckpointError(f"'{checkpoint}' has no timm-nlp record (architecture, classes); push a "
                               '`model.safetensors` or a training checkpoint written by `timm-nlp train`.')
-    arch = meta.get('architecture') or (meta.get('args') or {}).get('model')
+    arch = meta['architecture']
     state = load_weights(checkpoint)
-    head = state.get('fc.weight', state.get('head.fc.weight', state.get('classifier.weight')))
+    cfg = create_model(arch, device='meta').pretrained_cfg
+    head, stem = state.get(f"{cfg.get('classifier')}.weight"), state.get(f"{cfg.get('first_conv')}.weight")
     num_classes = meta.get('num_classes') or (head.shape[0] if head is not None else 1000)
-    model = create_model(arch, num_classes=num_classes)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"'{checkpoint}' does not match {arch}: missing {missing[:8]}, "
-                              f'unexpected {unexpected[:8]}.')
-    return model.eval(), dict(meta, architecture=arch, num_classes=num_classes)
+    in_chans = (meta.get('recipe') or {}).get('in_chans') or (stem.shape[1] if stem is not None else 3)
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"'{checkpoint}' does not match {arch}: {load_error_summary(e)}.") from None
+    return model.eval(), dict(meta, architecture=arch, num_classes=num_classes, in_chans=in_chans)
 
 
 def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
@@ -48,9 +53,10 @@ def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
     arch: Optional[ArchSpec] = getattr(model, 'arch', None)
     recipe = meta.get('recipe') or {}
     size = recipe.get('img_size') or model.pretrained_cfg['input_size'][-1]
+    input_size = (meta.get('in_chans', 3), size, size)
     params = sum(p.numel() for p in model.parameters())
-    macs = count_macs(model, (3, size, size))
-    peak = activation_profile(model, (3, size, size)).peak_bytes
+    macs = count_macs(model, input_size)
+    peak = activation_profile(model, input_size).peak_bytes
     dataset = recipe.get('dataset', 'unknown')
     top1 = meta.get('top1')
     pool_tags = ['- self-attentive-pooling', f'- {arch.pool.method}'] if arch else []
@@ -60,7 +66,7 @@ def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
     seed_row = [('architecture (seed form)', f'`{arch.seed}`')] if arch else []
     base = arch.base_name if arch else model.pretrained_cfg['architecture']
     rows = [('architecture (timm name)', f'`{meta["architecture"]}`'), *seed_row, ('base model', f'timm `{base}`'),
-            ('classes', meta['num_classes']), ('params', f'{params / 1e6:.2f} M'),
+            ('classes', meta['num_classes']), ('input channels', input_size[0]), ('params', f'{params / 1e6:.2f} M'),
             (f'MACs @{size}x{size}', f'{macs / 1e6:.1f} M'),
             (f'peak activation memory @{size}x{size}, batch 1 (layer-by-layer)', f'{peak / 1024:.1f} KiB')]
     if top1 is not None:
@@ -80,7 +86,7 @@ def model_card(model: nn.Module, meta: Dict[str, Any], repo_id: str) -> str:
         'WACV 2023 ([arXiv 2209.07659](https://arxiv.org/abs/2209.07659)). The pooling weights every activation '
         'by a non-local, self-attention-derived importance map before down-sampling, so the network can '
         'down-sample early, where activation maps are largest.', '',
-        '## Model', '', '| | |', '|---|---|'] + [f'| {k} | {v} |' for k, v in rows] + [
+        '## Model', '', markdown_table(['', ''], rows),
         '', '## Training recipe', ''] + recipe_lines + [
         '', '## Usage', '', '```python', 'import timm_nlp  # registers the pooled architectures with timm',
         'import timm', '', f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()",
@@ -100,15 +106,17 @@ def export_for_hub(checkpoint: str, out_dir: str, repo_id: str) -> Path:
         raise ValueError(f"--repo must be an explicit 'ORG/NAME' repository id, got '{repo_id}'.")
     model, meta = _checkpoint_model(checkpoint)
     recipe = meta.get('recipe') or {}
-    data_config = {'input_size': (3, recipe['img_size'], recipe['img_size']), 'crop_pct': 1.0} \
-        if recipe.get('img_size') else None
+    # the preprocessing the weights were trained with: timm's data config of the pushed model
+    data_config = {k: recipe[k] for k in ('mean', 'std', 'interpolation') if recipe.get(k)}
+    if recipe.get('img_size'):
+        data_config.update(input_size=(meta['in_chans'], recipe['img_size'], recipe['img_size']), crop_pct=1.0)
     model_config = dict(timm_nlp_version=timm_nlp_version())
     if hasattr(model, 'arch'):  # a pooled model; a stock timm model (the baseline) has no seed form
         model_config['arch_seed'] = model.arch.seed
     if meta.get('label_names'):
         model_config['label_names'] = list(meta['label_names'])
     out = Path(out_dir)
-    save_for_hf(model, out, model_config=model_config, safe_serialization=True, data_config=data_config)
+    save_for_hf(model, out, model_config=model_config, safe_serialization=True, data_config=data_config or None)
     (out / 'README.md').write_text(model_card(model, meta, repo_id), encoding='utf-8')
     return out
 
