@@ -109,6 +109,45 @@ def test_every_documented_command_parses():
             raise AssertionError(f'{page}: `{cmd}` does not parse') from e
 
 
+# validate.py's option names (argparse dests), from timm's repository (1.0.29.dev0, as test_train.TRAIN_PY_ARGS)
+VALIDATE_PY_ARGS = set('''
+data data_dir dataset split dataset_download class_map input_key input_img_mode target_key dataset_trust_remote_code
+model pretrained workers batch_size img_size in_chans input_size use_train_size crop_pct crop_mode crop_border_pixels
+mean std interpolation num_classes gp log_freq checkpoint num_gpu test_pool no_prefetcher pin_mem channels_last
+device amp amp_dtype model_dtype fuser fast_norm reparam model_kwargs torchcompile_mode torchscript torchcompile
+aot_autograd results_file results_format real_labels valid_labels retry use_ema tf_preprocessing naflex_loader
+naflex_max_seq_len metrics_avg seed
+'''.split())
+SHORT = {'-b': 'batch_size', '-j': 'workers', '-c': 'config', '-m': 'model'}
+
+
+def _timm_script_commands():
+    """Every command of the docs' code blocks that runs timm's train.py or validate.py: (page, script, arguments)."""
+    found = []
+    for page in PAGES:
+        text = page.read_text().replace('\\\n', ' ')
+        for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+            for line in block.split('\n'):
+                words = shlex.split(line.split(' #')[0]) if line.strip() and not line.startswith('#') else []
+                script = next((w for w in words if w.endswith(('train.py', 'validate.py'))), None)
+                if script:
+                    found.append((page.name, os.path.basename(script), words[words.index(script) + 1:]))
+    return found
+
+
+def test_timm_script_commands_name_their_options_and_the_cpu():
+    """timm's train.py and validate.py default to --device cuda: every documented command runs on a CPU as written,
+    with options those scripts have."""
+    from test_train import TRAIN_PY_ARGS
+    commands = _timm_script_commands()
+    assert {s for _, s, _ in commands} == {'train.py', 'validate.py'} and len(commands) >= 5
+    for page, script, words in commands:
+        known = (TRAIN_PY_ARGS | {'device_modules'}) if script == 'train.py' else VALIDATE_PY_ARGS
+        names = {SHORT.get(w, w.lstrip('-').replace('-', '_')) for w in words if w.startswith('-')}
+        assert not names - known, (page, script, sorted(names - known))
+        assert '--device' in words and words[words.index('--device') + 1] == 'cpu', (page, script, words)
+
+
 def test_every_subcommand_has_help():
     from timm_nlp.cli import build_parser
     sub = next(a for a in build_parser()._actions if a.dest == 'command')

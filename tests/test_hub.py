@@ -180,6 +180,65 @@ def test_error_paths(exported, tmp_path):
     assert re.search(r'conv_stem.weight checkpoint|unexpected (conv1|layer)', proc.stderr), proc.stderr[-1500:]
 
 
+_LOAD_GREY = '''
+import sys, torch, timm, timm_nlp
+from safetensors.torch import load_file
+ref = load_file(sys.argv[1])
+model = timm.create_model('hf-hub:test-org/grey', pretrained=True).eval()
+sd = model.state_dict()
+assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+own = timm.create_model(sys.argv[2], num_classes=10, in_chans=1).eval()
+own.load_state_dict(ref)
+x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    assert torch.equal(model(x), own(x))
+cfg = timm.data.resolve_data_config({}, model=model)
+print('conv1', tuple(model.conv1.weight.shape), 'input', cfg['input_size'], 'mean', len(cfg['mean']), cfg['mean'][0])
+'''
+
+
+@pytest.mark.slow
+def test_a_grey_model_trains_pushes_and_loads_back(tmp_path):
+    """--in-chans 1 end to end: trained, pushed (weights, config, card) and loaded with timm.create_model(...,
+    pretrained=True) from the Hub's cache layout, it is the trained one-channel model with its grey preprocessing."""
+    from timm_nlp.checkpoint import read_metadata
+    run, out = tmp_path / 'run', tmp_path / 'export'
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'train', '--model', ARCH, '--in-chans', '1',
+                           '--epochs', '1', '--img-size', '16', '-b', '64', '--no-progress', '--output', str(run)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'push', str(run / 'model.safetensors'), '--repo',
+                           'test-org/grey', '--dry-run', '--out', str(out)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    mean = read_metadata(str(run / 'model.safetensors'))['recipe']['mean']
+    cfg = json.loads((out / 'config.json').read_text())
+    assert cfg['model_args']['in_chans'] == 1 and cfg['pretrained_cfg']['input_size'] == [1, 16, 16]
+    assert cfg['pretrained_cfg']['mean'] == mean and len(mean) == 1
+    card = (out / 'README.md').read_text()
+    assert '| input channels | 1 |' in card and '| MACs @16x16 |' in card
+    hf_home = tmp_path / 'hf'
+    _place_in_hf_cache(hf_home, 'test-org/grey', {p.name: p for p in out.iterdir()})
+    proc = _offline(hf_home, _LOAD_GREY, run / 'model.safetensors', ARCH)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'conv1 (64, 1, 7, 7) input (1, 16, 16) mean 1 {mean[0]}' in proc.stdout
+
+
+def test_push_refuses_a_checkpoint_that_lacks_tensors(exported, tmp_path):
+    """A checkpoint that does not hold every tensor of its model is refused, in one line naming the tensors."""
+    root, _, _ = exported
+    weights = load_file(str(root / 'model.safetensors'))
+    save_weights(str(tmp_path / 'lacking.safetensors'), {k: v for k, v in weights.items() if not k.startswith('fc.')},
+                 dict(architecture=ARCH, num_classes=10))
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'push', str(tmp_path / 'lacking.safetensors'),
+                           '--repo', 'org/x', '--dry-run', '--out', str(tmp_path / 'out')], capture_output=True,
+                          text=True, cwd=REPO)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == (f"timm-nlp push: error: '{tmp_path / 'lacking.safetensors'}' does not match {ARCH}: missing "
+                    'key(s) in state_dict: fc.weight, fc.bias.')
+    assert not (tmp_path / 'out').exists()
+
+
 def test_push_of_a_stock_timm_model(tmp_path):
     """`timm-nlp train --model resnet18` (the baseline) writes a stock timm model: it pushes without pooling rows."""
     torch.manual_seed(0)

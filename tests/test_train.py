@@ -125,6 +125,23 @@ def test_interrupt_and_resume(tmp_path, workers):
             assert abs(float(r[key]) - float(r_ref[key])) <= 1e-6 * max(1., abs(float(r_ref[key]))), key
 
 
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_finished_epochs(tmp_path):
+    """An interrupt (SIGINT, Ctrl-C) during the second epoch: one line saying how to resume, the first epoch's
+    checkpoint kept."""
+    out = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, '-m', 'timm_nlp.cli', 'train', '--model', 'resnet18_lip_2222', '--epochs',
+                             '2', *FAST, '--output', str(out)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for(out / 'checkpoint-0.pth.tar', proc)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and 'Traceback' not in stderr, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == ('timm-nlp train: interrupted: rerun the same command to resume from '
+                                               'the last finished epoch.')
+    assert load_training_checkpoint(str(out / 'last.pth.tar'))['epoch'] == 0
+
+
 def _run_to(out: Path, args):
     _cli(*args, '--output', out)
     return out

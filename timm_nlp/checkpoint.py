@@ -46,7 +46,7 @@ def read_metadata(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _refuse_earlier_format(path: str, meta: Optional[Dict[str, Any]]) -> None:
-    """Training checkpoints of timm-nlp before 0.2 were safetensors files with the optimizer state flattened."""
+    """Earlier versions wrote training checkpoints as safetensors files, the optimizer state flattened."""
     if meta and 'saver' in meta:
         raise CheckpointError(f"'{path}' is a training checkpoint of an earlier timm-nlp (safetensors), which this "
                               'version does not resume; start a new --output from its weights with '
