@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ._modules import Units, meta_copy, model_units, substituted
+from .layers.export_ops import tree_cat
 from .layers.protocol import CompoundLayer, PoolLayer, ShapeOnly
 from .profiler import ActivationProfile, activation_profile, count_macs, itemsize_of
 
@@ -192,17 +193,35 @@ def patch_plan(model: nn.Module, input_size: Tuple[int, int, int], patches: int,
 
 
 class _PatchPool(nn.Module):
-    """A two-pass pool on the current patch: ``pool.pool_patch`` with the global state, the crop's origin set per
-    patch."""
+    """A two-pass pool on the current patch: ``pool.pool_patch`` with the global state and the crop's origin (image
+    pixels), both set by ``PatchBased`` before each run."""
 
-    def __init__(self, pool: PoolLayer, state: torch.Tensor, stride_in: int):
+    def __init__(self, pool: PoolLayer, stride_in: int):
         super().__init__()
         self.__dict__['pool'] = pool  # not a child: it runs through pool_patch, not as a module
-        self.state, self.stride_in = state, stride_in
-        self.origin = (0, 0)  # the crop's origin in image pixels
+        self.stride_in = stride_in
+        self.state: Optional[torch.Tensor] = None
+        self.origin = (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool.pool_patch(x, self.state, (self.origin[0] // self.stride_in, self.origin[1] // self.stride_in))
+
+
+class _Capture(nn.Module):
+    """An identity that keeps what it passed on (the input of a pool that its container computes last)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen = x
+        return x
+
+
+@dataclass
+class _Views:
+    """The module views of one prefix's passes: the two-pass pools' stand-ins (in the prefix's order), for each the
+    view computing its input (with a capture where a container holds it), and the prefix of the second pass."""
+    stand_ins: Dict[str, _PatchPool]
+    first: List[Tuple[nn.Module, Optional[_Capture]]]
+    prefix: nn.Module
 
 
 def _until(prefix: Units, name: str) -> Tuple[Units, Optional[str]]:
@@ -251,47 +270,56 @@ class PatchBased(nn.Module):
         self.rest = Units(model, units[units.index(split) + 1:])
         _check_patchable(self.prefix)
         self._plans: Dict[Tuple[int, int, int], PatchPlan] = {}
+        self._pass_views: Dict[tuple, _Views] = {}
 
     def plan(self, input_size: Tuple[int, int, int]) -> PatchPlan:
         """The patches for one input size (computed once per size)."""
         if input_size not in self._plans:
             self._plans[input_size] = patch_plan(self.model, input_size, self.patches, self.split)
+            self._views(self._plans[input_size])
         return self._plans[input_size]
 
-    def _first_pass(self, x: torch.Tensor, plan: PatchPlan, tp: TwoPass, done: Dict[str, _PatchPool]) -> torch.Tensor:
+    def _views(self, plan: PatchPlan) -> _Views:
+        """The module views of ``plan``'s passes (built once: tracing for export may not build modules)."""
+        key = tuple((tp.name, tp.stride_in) for tp in plan.two_pass)
+        if key not in self._pass_views:
+            stand_ins: Dict[str, _PatchPool] = {}
+            first = []
+            for tp in plan.two_pass:
+                until, path = _until(self.prefix, tp.name)
+                capture = _Capture() if path is not None else None
+                replace: Dict[str, nn.Module] = {n: m for n, m in stand_ins.items() if _has_path(until, n)}
+                if path is not None:
+                    replace[path] = capture
+                first.append((substituted(until, replace), capture))
+                stand_ins[tp.name] = _PatchPool(self.prefix.get_submodule(tp.name), tp.stride_in)
+            self._pass_views[key] = _Views(stand_ins, first, substituted(self.prefix, dict(stand_ins)))
+        return self._pass_views[key]
+
+    def _first_pass(self, x: torch.Tensor, plan: PatchPlan, tp: TwoPass, run: nn.Module, capture: Optional[_Capture],
+                    stand_ins: List[_PatchPool]) -> torch.Tensor:
         """The global state of the two-pass pool ``tp``: its first pass on every patch's own region of its input (the
-        patch's output ranges scaled to the pool's input, the last row and column to the map's end, widened to whole
-        tokens: the halo covers them), the earlier two-pass pools applying their states."""
+        patch's output ranges scaled to the pool's input, the last row and column to the map's end, their bounds
+        rounded down to whole tokens: the regions tile the token grid, and the halo covers the rounding), the earlier
+        two-pass pools applying their states."""
         pool: PoolLayer = self.prefix.get_submodule(tp.name)
-        until, capture = _until(self.prefix, tp.name)
-        captured: List[torch.Tensor] = []
-        stand_ins: Dict[str, nn.Module] = dict(done)
-        if capture is not None:
-            stand_ins[capture] = nn.Identity()
-        run = substituted(until, {n: m for n, m in stand_ins.items() if _has_path(until, n)})
-        if capture is not None:
-            hook = run.get_submodule(capture).register_forward_hook(lambda m, i, o: captured.append(o))
         q, si, s = tp.token_size, tp.stride_in, plan.stride // tp.stride_in
         Hp, Wp = tp.in_size
         last_row, last_col = plan.out_rows[-1][1], plan.out_cols[-1][1]
         parts = []
-        try:
-            for (o0, o1, p0, p1), (a0, a1, b0, b1) in plan.patches():
-                for m in done.values():
-                    m.origin = (a0, b0)
-                out = run(x[:, :, a0:a1, b0:b1])
-                if capture is not None:
-                    if captured[-1] is not out:
-                        raise ValueError(f"'{tp.name}' is not the last step of the module that holds it: it cannot "
-                                         'be run in two passes.')
-                    captured.clear()
-                r0, r1 = o0 * s // q * q, Hp if o1 == last_row else -(-o1 * s // q) * q
-                c0, c1 = p0 * s // q * q, Wp if p1 == last_col else -(-p1 * s // q) * q
-                region = out[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
-                parts.append(((r0, c0), pool.first_pass(region)))
-        finally:
+        for (o0, o1, p0, p1), (a0, a1, b0, b1) in plan.patches():
+            for m in stand_ins:
+                m.origin = (a0, b0)
+            out = run(x[:, :, a0:a1, b0:b1])
             if capture is not None:
-                hook.remove()
+                if capture.seen is not out:
+                    raise ValueError(f"'{tp.name}' is not the last step of the module that holds it: it cannot be run "
+                                     'in two passes.')
+                capture.seen = None
+            r0, r1 = o0 * s // q * q, Hp if o1 == last_row else o1 * s // q * q
+            c0, c1 = p0 * s // q * q, Wp if p1 == last_col else p1 * s // q * q
+            region = out[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
+            parts.append(((r0, c0), pool.first_pass(region)))
         return pool.global_state(parts, tp.in_size)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -299,21 +327,21 @@ class PatchBased(nn.Module):
             raise RuntimeError('patch-based execution is for inference: call .eval() first (batch norms in training '
                                'mode use the statistics of each patch).')
         plan = self.plan(tuple(x.shape[1:]))
-        done: Dict[str, _PatchPool] = {}
-        for tp in plan.two_pass:
-            done[tp.name] = _PatchPool(self.prefix.get_submodule(tp.name), self._first_pass(x, plan, tp, done),
-                                       tp.stride_in)
-        prefix = substituted(self.prefix, done)
-        out = None
+        views = self._views(plan)
+        stand_ins = list(views.stand_ins.values())
+        for i, (tp, (run, capture)) in enumerate(zip(plan.two_pass, views.first)):
+            stand_ins[i].state = self._first_pass(x, plan, tp, run, capture, stand_ins[:i])
         s = plan.stride
+        rows: Dict[int, List[torch.Tensor]] = {}
         for (o0, o1, p0, p1), (a0, a1, b0, b1) in plan.patches():
-            for m in done.values():
+            for m in stand_ins:
                 m.origin = (a0, b0)
-            y = prefix(x[:, :, a0:a1, b0:b1])
-            if out is None:
-                out = y.new_empty(y.shape[0], y.shape[1], *plan.out_size)
-            out[:, :, o0:o1, p0:p1] = y[:, :, o0 - a0 // s:o1 - a0 // s, p0 - b0 // s:p1 - b0 // s]
-        return self.rest(out)
+            y = views.prefix(x[:, :, a0:a1, b0:b1])
+            rows.setdefault(o0, []).append(y[:, :, o0 - a0 // s:o1 - a0 // s, p0 - b0 // s:p1 - b0 // s])
+        for m in stand_ins:
+            m.state = None
+        # assembled by concatenation, at most ten pieces at a time (as TFLite Micro's CONCATENATION takes them)
+        return self.rest(tree_cat([tree_cat(row, -1) for _, row in sorted(rows.items())], -2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.forward_features(x))

@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .export_ops import ExportError, FloatIsland, nearest_up, window_avg
 from .protocol import PatchSupport, PoolLayer
 from .window_pool import window_avg_pool2d
 
@@ -94,11 +95,7 @@ class GaussianPool2d(PoolLayer):
     def global_state(self, parts: List[Tuple[Tuple[int, int], torch.Tensor]], in_size: Tuple[int, int]
                      ) -> torch.Tensor:
         """``softplus(MU)`` of the global average (the regions partition the input)."""
-        total: Optional[torch.Tensor] = None
-        for _, part in parts:
-            total = part if total is None else total + part
-        assert total is not None
-        mean = total / (in_size[0] * in_size[1])
+        mean = torch.stack([part for _, part in parts]).sum(0) / (in_size[0] * in_size[1])
         return F.softplus(self.mu(self.hidden(mean.to(self.mu.conv.weight.dtype))))
 
     def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
@@ -108,5 +105,67 @@ class GaussianPool2d(PoolLayer):
     def two_pass_numel(self, in_size: Tuple[int, int]) -> Tuple[int, int]:
         return self.channels, self.channels
 
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        if self.ceil_mode:
+            raise ExportError('its ceil-mode windows have no TFLite pooling')
+        if in_size[0] < self.stride or in_size[1] < self.stride:
+            raise ExportError(f'its {in_size[0]} x {in_size[1]} input is smaller than its {self.stride} x '
+                              f'{self.stride} window')
+        return _GaussianPoolExport(self, in_size)
+
     def extra_repr(self) -> str:
         return f'channels={self.channels}, stride={self.stride}'
+
+
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """``softplus(x) = relu(x) + log(1 + exp(-|x|))``: F.softplus becomes a SELECT, which TFLite Micro lacks."""
+    return torch.relu(x) + torch.log(1 + torch.exp(-x.abs()))
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    return v.sqrt()
+
+
+class _GaussianPoolExport(PoolLayer):
+    """The export form of ``GaussianPool2d`` (eval, batch 1): the window moments as AVERAGE_POOL_2D of the input and
+    of its squared deviation from the up-sampled window mean, int8; the square root of the variance and the global
+    branch's softplus in float (TFLite Micro has no int8 SQRT, EXP or LOG)."""
+
+    def __init__(self, pool: GaussianPool2d, in_size: Tuple[int, int]):
+        super().__init__()
+        self.stride, self.ceil_mode, self.eps, self.channels = pool.stride, False, pool.eps, pool.channels
+        self.area = in_size[0] * in_size[1]
+        self.hidden, self.mu = pool.hidden, pool.mu
+        self.sqrt, self.softplus = FloatIsland(_sqrt, 'sqrt'), FloatIsland(_softplus, 'softplus')
+
+    def _windows(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        s = self.stride
+        mean = window_avg(x, s)
+        Ho, Wo = mean.shape[-2], mean.shape[-1]
+        dev = x[:, :, :Ho * s, :Wo * s] - nearest_up(mean, (Ho * s, Wo * s))
+        std = self.sqrt(torch.clamp_min(window_avg(dev * dev, s), self.eps))
+        return mean + scale * std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._windows(x, self.softplus(self.mu(self.hidden(x.mean((2, 3), keepdim=True)))))
+
+    def patch_support(self) -> PatchSupport:
+        return PatchSupport.two_pass('gaussian')
+
+    def first_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """The region's share of the global mean, ``mean(region) * area(region) / area(map)`` (a mean, not a sum:
+        int8 keeps its precision)."""
+        return x.mean((2, 3), keepdim=True) * (x.shape[-2] * x.shape[-1] / self.area)
+
+    def global_state(self, parts: List[Tuple[Tuple[int, int], torch.Tensor]], in_size: Tuple[int, int]
+                     ) -> torch.Tensor:
+        mean = parts[0][1]
+        for _, part in parts[1:]:
+            mean = mean + part
+        return self.softplus(self.mu(self.hidden(mean)))
+
+    def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
+        return self._windows(x, state)
+
+    def two_pass_numel(self, in_size: Tuple[int, int]) -> Tuple[int, int]:
+        return self.channels, self.channels

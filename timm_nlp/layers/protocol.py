@@ -16,7 +16,9 @@ A ``PoolLayer`` is a pooling layer (a drop-in for ``nn.MaxPool2d(stride)``). Bes
 - the two passes where it has them: ``first_pass`` on a region of its input (the part of the global statistics
   that region contributes), ``global_state`` from all regions' parts, ``pool_patch`` on a crop with that state, and
   for the memory count ``two_pass_numel`` and ``global_step``;
-- its export form (``export_form``): the module a deployment exports in its place.
+- its export form (``export_form(in_size, chunk)``): the module a deployment exports in its place, for one input
+  size and batch 1, in the ops that TensorFlow Lite Micro runs (``timm_nlp.layers.export_ops``), or an
+  ``ExportError`` with the reason it has none.
 
 A new pooling method is one ``PoolLayer`` subclass: the profiler, patch-based execution and the exporter then take
 it without change.
@@ -26,6 +28,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from .export_ops import ExportError
 
 __all__ = ['PatchSupport', 'CompoundLayer', 'PoolLayer', 'pool_output_size', 'ShapeOnly']
 
@@ -90,6 +94,10 @@ class CompoundLayer(nn.Module):
     def patch_support(self) -> PatchSupport:
         return PatchSupport.local()
 
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        """The module a deployment exports in this layer's place (see ``PoolLayer.export_form``)."""
+        return self
+
 
 class PoolLayer(CompoundLayer):
     """A pooling layer over ``stride x stride`` windows (see the module docstring). Subclasses set ``stride`` and
@@ -128,9 +136,12 @@ class PoolLayer(CompoundLayer):
         (C, H, W), for memory accounting; None where it is negligible."""
         return None
 
-    def export_form(self) -> nn.Module:
-        """The module a deployment exports in this layer's place (the layer itself unless it has a form of its
-        own)."""
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        """The module a deployment exports in this layer's place for an input of ``in_size`` (batch 1, eval), in the
+        ops of ``timm_nlp.layers.export_ops``; ``chunk``: the query rows an attention computes at a time. Raises an
+        ``ExportError`` with the reason where there is no exact one."""
+        if self.ceil_mode:
+            raise ExportError('its ceil-mode windows have no TFLite pooling')
         return self
 
 

@@ -19,12 +19,16 @@ from torchvision.ops import deform_conv2d
 from timm.layers import Attention
 
 from .dynamic_conv import DynamicConv2d
+from .export_ops import ExportError, FloatIsland, exp_int8, nearest_up, tree_cat
 from .protocol import CompoundLayer, PatchSupport
 
 __all__ = [
     'DeformConv2d', 'LearnedPosEmbed2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'nearest_index',
-    'upsample_nearest', 'resample_at_offsets',
+    'upsample_nearest', 'resample_at_offsets', 'ChunkedAttention', 'INT8_SOFTMAX_MAX_ROW',
 ]
+
+# TFLite Micro's int8 SOFTMAX aborts on rows of 512 or more elements: longer rows are computed in float
+INT8_SOFTMAX_MAX_ROW = 511
 
 ConvLayer = Callable[..., nn.Module]
 
@@ -337,3 +341,106 @@ class SelfAttentiveImportance(nn.Module):
         if offset is not None:
             w = resample_at_offsets(w, offset, self.patch_size)
         return w
+
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> '_NonLocalExport':
+        """The importance of a map of ``in_size`` in the ops TFLite Micro runs (batch 1, eval), its attention in
+        query chunks of ``chunk`` rows."""
+        if self.deformable:
+            raise ExportError('its deformable embedding (torchvision deform_conv2d) has no TFLite op')
+        if self.dynamic:
+            raise ExportError('its dynamic convolutions mix per-sample kernels at run time; TFLite convolutions '
+                              'take constant weights')
+        return _NonLocalExport(self, in_size, chunk)
+
+
+def _softmax_pv(scores: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    return F.linear(scores.softmax(-1), v_t)
+
+
+class ChunkedAttention(nn.Module):
+    """timm's ``Attention`` (without norms, as the non-local importance uses it) on one sample's tokens ``(1, N, E)``,
+    its queries in chunks of ``chunk`` rows, so that no more than ``chunk x N`` scores exist at a time.
+
+    Every product is a 2-D ``F.linear`` (FULLY_CONNECTED, the keys and the transposed values as its weights), the
+    ``1 / sqrt(d)`` scale is folded into the query projection, and the chunks' outputs are concatenated in a tree.
+    Where a row of scores is longer than TFLite Micro's int8 SOFTMAX takes, the softmax and the product with the
+    values are a float island.
+
+    Args:
+        attn: timm ``Attention``.
+        chunk: Query rows per chunk (None: all).
+    """
+
+    def __init__(self, attn: Attention, chunk: Optional[int] = None):
+        super().__init__()
+        if chunk is not None and chunk < 1:
+            raise ValueError(f'chunk must be at least 1, not {chunk}.')
+        E = attn.qkv.in_features
+        self.heads, self.dim, self.chunk = attn.num_heads, E // attn.num_heads, chunk
+        dd = {'device': attn.qkv.weight.device, 'dtype': attn.qkv.weight.dtype}
+        self.qkv = nn.Linear(E, 3 * E, bias=attn.qkv.bias is not None, **dd)
+        with torch.no_grad():
+            scale = torch.ones(3 * E, 1, **dd)
+            scale[:E] = attn.scale
+            self.qkv.weight.copy_(attn.qkv.weight * scale)
+            if attn.qkv.bias is not None:
+                self.qkv.bias.copy_(attn.qkv.bias * scale[:, 0])
+        self.proj = attn.proj
+        self.softmax_pv = FloatIsland(_softmax_pv, 'softmax')
+
+    def _head(self, q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+        N = q.shape[0]
+        if k.shape[0] == 1:  # a softmax over one key is 1
+            return v_t.t().expand(N, -1)
+        c = self.chunk or N
+        outs = []
+        for i in range(0, N, c):
+            scores = F.linear(q[i:i + c], k)
+            if k.shape[0] > INT8_SOFTMAX_MAX_ROW:
+                outs.append(self.softmax_pv(scores, v_t))
+            else:
+                outs.append(F.linear(scores.softmax(-1), v_t))
+        return tree_cat(outs, 0)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        E, d = self.heads * self.dim, self.dim
+        qkv = self.qkv(t)[0]
+        heads = [self._head(qkv[:, h * d:(h + 1) * d], qkv[:, E + h * d:E + (h + 1) * d],
+                            qkv[:, 2 * E + h * d:2 * E + (h + 1) * d].t()) for h in range(self.heads)]
+        return self.proj(tree_cat(heads, 1))[None]
+
+
+class _NonLocalExport(nn.Module):
+    """The export form of ``SelfAttentiveImportance`` for a map of ``in_size``: its position embedding a constant of
+    the token grid, its attention chunked, ``exp`` as a ratio of sigmoids, its up-sampling by constant maps."""
+
+    def __init__(self, nl: SelfAttentiveImportance, in_size: Tuple[int, int], chunk: Optional[int]):
+        super().__init__()
+        p = nl.patch_size
+        self.patch_size, self.size, self.embed_dim = p, in_size, nl.embed_dim
+        self.grid = (max(1, in_size[0] // p), max(1, in_size[1] // p))
+        self.patch_embed, self.norm, self.act = nl.patch_embed, nl.norm, nl.act
+        with torch.no_grad():
+            self.register_buffer('pos', nl.pos_embed(*self.grid).flatten(2).transpose(1, 2).contiguous())
+        self.attn = ChunkedAttention(nl.attn, chunk)
+        self.restore, self.restore_norm = nl.restore, nl.restore_norm
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        H, W = x.shape[-2], x.shape[-1]
+        if H < p or W < p:
+            x = F.pad(x, (0, max(0, p - W), 0, max(0, p - H)))
+        return self.act(self.norm(self.patch_embed(x)))
+
+    def weights_of_tokens(self, t: torch.Tensor) -> torch.Tensor:
+        """The token weights ``(1, C, h, w)`` of the embedded tokens ``t`` of the whole map."""
+        h, w = t.shape[-2], t.shape[-1]
+        t = self.attn(t.flatten(2).transpose(1, 2) + self.pos)
+        t = t.transpose(1, 2).reshape(1, self.embed_dim, h, w)
+        return exp_int8(torch.sigmoid(self.restore_norm(self.restore(t))))
+
+    def token_weights(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights_of_tokens(self.embed(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nearest_up(self.token_weights(x), (x.shape[-2], x.shape[-1]))

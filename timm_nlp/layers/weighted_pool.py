@@ -11,6 +11,7 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
+from .export_ops import ExportError, exp_int8, explicit_padding, nearest_up, tree_cat, window_avg
 from .protocol import PatchSupport, PoolLayer
 from .self_attn_pool import ConvLayer, SelfAttentiveImportance, upsample_nearest
 from .window_pool import window_avg_pool2d
@@ -197,19 +198,9 @@ class WeightedPool2d(PoolLayer):
 
     def global_state(self, parts: List[Tuple[Tuple[int, int], torch.Tensor]], in_size: Tuple[int, int]
                      ) -> torch.Tensor:
-        """The weights of every token of the input, from its embedded tokens assembled from the regions."""
+        """The weights of every token of the input, from its embedded tokens (the parts tile the token grid)."""
         assert self.non_local is not None
-        p = self.patch_size
-        first = parts[0][1]
-        grid = first.new_empty(first.shape[0], first.shape[1], in_size[0] // p, in_size[1] // p)
-        covered = torch.zeros(grid.shape[-2:], dtype=torch.bool)
-        for (r, c), t in parts:
-            rows, cols = slice(r // p, r // p + t.shape[-2]), slice(c // p, c // p + t.shape[-1])
-            grid[:, :, rows, cols] = t
-            covered[rows, cols] = True
-        if not bool(covered.all()):
-            raise RuntimeError('the regions of the first pass leave tokens uncovered')
-        return self.non_local.weights_of_tokens(grid, in_size)
+        return self.non_local.weights_of_tokens(_assemble(parts), in_size)
 
     def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
         p = self.patch_size
@@ -226,8 +217,79 @@ class WeightedPool2d(PoolLayer):
         p = self.patch_size
         return _TokenWeights(self.non_local, in_size), (self.non_local.embed_dim, in_size[0] // p, in_size[1] // p)
 
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        if self.ceil_mode:
+            raise ExportError('its ceil-mode windows have no TFLite pooling')
+        if self.local is not None and not isinstance(self.local.conv, nn.Conv2d):
+            raise ExportError('its dynamic local convolution mixes per-sample kernels at run time; TFLite '
+                              'convolutions take constant weights')
+        return _WeightedPoolExport(self, in_size, chunk)
+
     def extra_repr(self) -> str:
         return f'channels={self.channels}, stride={self.stride}, win_norm={self.win_norm}, ceil_mode={self.ceil_mode}'
+
+
+def _assemble(parts: List[Tuple[Tuple[int, int], torch.Tensor]]) -> torch.Tensor:
+    """The map tiled by ``parts`` (each with the (row, column) of its origin; row by row, each row left to right),
+    by concatenation."""
+    rows: Dict[int, List[torch.Tensor]] = {}
+    for (r, _), t in parts:
+        rows.setdefault(r, []).append(t)
+    return tree_cat([tree_cat(row, -1) for _, row in sorted(rows.items())], -2)
+
+
+class _WeightedPoolExport(PoolLayer):
+    """The export form of ``WeightedPool2d`` for an input of ``in_size`` (batch 1, eval): the importance in the ops
+    TFLite Micro runs (``exp`` as a ratio of sigmoids, explicit padding, a chunked attention), the window sums as
+    AVERAGE_POOL_2D; its two passes too, in the same ops."""
+
+    def __init__(self, pool: WeightedPool2d, in_size: Tuple[int, int], chunk: Optional[int]):
+        super().__init__()
+        self.stride, self.ceil_mode, self.win_norm = pool.stride, False, pool.win_norm
+        self.support, self.patch_size = pool.patch_support(), pool.patch_size
+        self.local_conv = explicit_padding(pool.local.conv) if pool.local is not None else None
+        self.local_norm = pool.local.norm if pool.local is not None else None
+        self.non_local = pool.non_local.export_form(in_size, chunk) if pool.non_local is not None else None
+        p = pool.patch_size
+        self.constant = pool.patches_of_windows and in_size[0] % p == 0 and in_size[1] % p == 0
+
+    def _pool(self, x: torch.Tensor, token_weights: Optional[torch.Tensor]) -> torch.Tensor:
+        s = self.stride
+        if self.constant:
+            pooled = window_avg(x, s)
+            if self.win_norm:
+                return pooled  # the weights cancel
+            assert token_weights is not None
+            return pooled * nearest_up(token_weights, (pooled.shape[-2], pooled.shape[-1]))
+        w: Optional[torch.Tensor] = None
+        if token_weights is not None:
+            w = nearest_up(token_weights, (x.shape[-2], x.shape[-1]))
+        if self.local_conv is not None:
+            local = exp_int8(torch.sigmoid(self.local_norm(self.local_conv(x))))
+            w = local if w is None else local * w
+        assert w is not None
+        num = window_avg(x * w, s)
+        return num / window_avg(w, s) if self.win_norm else num
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        need = self.non_local is not None and not (self.constant and self.win_norm)
+        return self._pool(x, self.non_local.token_weights(x) if need else None)
+
+    def patch_support(self) -> PatchSupport:
+        return self.support
+
+    def first_pass(self, x: torch.Tensor) -> torch.Tensor:
+        return self.non_local.embed(x)
+
+    def global_state(self, parts: List[Tuple[Tuple[int, int], torch.Tensor]], in_size: Tuple[int, int]
+                     ) -> torch.Tensor:
+        """The token weights of the whole map; the parts tile the token grid."""
+        return self.non_local.weights_of_tokens(_assemble(parts))
+
+    def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
+        p = self.patch_size
+        r, c = origin[0] // p, origin[1] // p
+        return self._pool(x, state[:, :, r:r + x.shape[-2] // p, c:c + x.shape[-1] // p])
 
 
 class _TokenWeights(nn.Module):

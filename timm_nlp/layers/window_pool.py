@@ -9,13 +9,15 @@ On contiguous NCHW CPU tensors, ``F.avg_pool2d`` with 2x2 windows is several tim
 additions (forward and backward), so stride 2 on even-sized maps takes that route; everything else, tracing and
 scripting included, is ``F.avg_pool2d``. Both compute the same window mean (tested against each other).
 """
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .export_ops import ExportError, window_avg
 from .protocol import PoolLayer, pool_output_size
 
 __all__ = ['pool_output_size', 'window_avg_pool2d', 'window_max_pool2d', 'WindowAvgPool2d', 'WindowMaxPool2d']
@@ -61,8 +63,24 @@ class WindowAvgPool2d(PoolLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return window_avg_pool2d(x, self.stride, self.ceil_mode)
 
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        if self.ceil_mode:
+            raise ExportError('its ceil-mode windows have no TFLite pooling')
+        return _WindowAvgExport(self.stride)
+
     def extra_repr(self) -> str:
         return f'stride={self.stride}, ceil_mode={self.ceil_mode}'
+
+
+class _WindowAvgExport(PoolLayer):
+    """The export form of ``WindowAvgPool2d``: one AVERAGE_POOL_2D."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride, self.ceil_mode = stride, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return window_avg(x, self.stride)
 
 
 @register_notrace_module

@@ -1,0 +1,179 @@
+"""Reading and editing TFLite flatbuffers (LiteRT's schema): the op list, which ops compute in float, the int8 model
+interface, ops moved to float where TFLite Micro has no int8 kernel, and the activation memory of the graph."""
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import _pywrap_modify_model_interface as modify_interface
+from ai_edge_litert import schema_py_generated as schema
+
+__all__ = [
+    'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'floatify_ops', 'live_bytes_peak',
+    'FLOAT_ONLY_IN_TFLM',
+]
+
+# ops TFLite Micro runs in float only (the converter may still emit them int8)
+FLOAT_ONLY_IN_TFLM = ('EXP', 'LOG', 'SQRT')
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
+_TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith('_')}
+_ITEMSIZE = {'INT8': 1, 'UINT8': 1, 'BOOL': 1, 'INT16': 2, 'FLOAT16': 2, 'FLOAT32': 4, 'INT32': 4, 'INT64': 8}
+
+
+def _model(flat: bytes) -> 'schema.ModelT':
+    return schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flat, 0))
+
+
+def _is_const(model, tensor) -> bool:
+    b = tensor.buffer
+    return b < len(model.buffers) and model.buffers[b].data is not None and len(model.buffers[b].data) > 0
+
+
+@dataclass
+class OpInfo:
+    """One operator of the main subgraph: its name and the (type, shape) of its activation inputs and outputs."""
+    name: str
+    inputs: List[Tuple[str, Tuple[int, ...]]]
+    outputs: List[Tuple[str, Tuple[int, ...]]]
+
+    @property
+    def is_float(self) -> bool:
+        """Whether it computes in float (a float activation in or out, or a (de)quantisation)."""
+        return self.name in ('QUANTIZE', 'DEQUANTIZE') or any(
+            t in ('FLOAT32', 'FLOAT16') for t, _ in self.inputs + self.outputs)
+
+
+def op_list(flat: bytes) -> List[OpInfo]:
+    """The operators of the main subgraph in execution order."""
+    model = _model(flat)
+    sg = model.subgraphs[0]
+    ops = []
+    for op in sg.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        name = _OP_NAMES.get(max(code.builtinCode, code.deprecatedBuiltinCode), 'CUSTOM')
+
+        def acts(ids):
+            return [(_TYPE_NAMES[sg.tensors[i].type], tuple(sg.tensors[i].shape)) for i in ids
+                    if i >= 0 and not _is_const(model, sg.tensors[i])]
+        ops.append(OpInfo(name, acts(op.inputs), acts(op.outputs)))
+    return ops
+
+
+def op_census(flat: bytes) -> Dict[str, int]:
+    """How many of each operator, float ones counted apart (``'SOFTMAX (float)'``)."""
+    out: Dict[str, int] = {}
+    for op in op_list(flat):
+        key = f'{op.name} (float)' if op.is_float and op.name not in ('QUANTIZE', 'DEQUANTIZE') else op.name
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def float_ops(flat: bytes) -> List[str]:
+    """The ops that compute in float, QUANTIZE and DEQUANTIZE included: none in a fully int8 model."""
+    return [op.name for op in op_list(flat) if op.is_float]
+
+
+def io_quantization(flat: bytes) -> Dict[str, List[Tuple[str, Tuple[int, ...], float, int]]]:
+    """``{'inputs': [...], 'outputs': [...]}``: (type, shape, scale, zero point) of each model input and output."""
+    model = _model(flat)
+    sg = model.subgraphs[0]
+
+    def describe(i):
+        t = sg.tensors[i]
+        q = t.quantization
+        scale = float(q.scale[0]) if q is not None and q.scale is not None and len(q.scale) else 1.
+        zero = int(q.zeroPoint[0]) if q is not None and q.zeroPoint is not None and len(q.zeroPoint) else 0
+        return _TYPE_NAMES[t.type], tuple(int(d) for d in t.shape), scale, zero
+    return dict(inputs=[describe(i) for i in sg.inputs], outputs=[describe(i) for i in sg.outputs])
+
+
+def to_int8_io(flat: bytes) -> bytes:
+    """The model with int8 inputs and outputs: the QUANTIZE after each float input and the DEQUANTIZE before each
+    float output removed (TFLite's ``modify_model_interface``), their scales on the interface."""
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = os.path.join(d, 'in.tflite'), os.path.join(d, 'out.tflite')
+        with open(src, 'wb') as f:
+            f.write(flat)
+        if modify_interface.modify_model_interface(src, dst, schema.TensorType.INT8, schema.TensorType.INT8) != 0:
+            raise RuntimeError('TFLite could not give the model an int8 interface.')
+        with open(dst, 'rb') as f:
+            return f.read()
+
+
+def _opcode(model, code: int) -> int:
+    for i, oc in enumerate(model.operatorCodes):
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
+            return i
+    oc = schema.OperatorCodeT()
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def floatify_ops(flat: bytes, names: Sequence[str] = FLOAT_ONLY_IN_TFLM) -> Tuple[bytes, int]:
+    """Every int8 op of the given types as DEQUANTIZE -> float op -> QUANTIZE (the int8 side keeps its scales):
+    the converter re-quantises a float island of one op. Returns the model and how many ops were moved."""
+    model = _model(flat)
+    codes = {getattr(schema.BuiltinOperator, n) for n in names}
+    moved = 0
+    for sg in model.subgraphs:
+        ops = []
+        for op in sg.operators:
+            oc = model.operatorCodes[op.opcodeIndex]
+            t_in, t_out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
+            if max(oc.builtinCode, oc.deprecatedBuiltinCode) not in codes or t_in.type != schema.TensorType.INT8:
+                ops.append(op)
+                continue
+            floats = []
+            for src in (t_in, t_out):
+                t = schema.TensorT()
+                t.shape, t.type, t.buffer = copy.copy(src.shape), schema.TensorType.FLOAT32, 0
+                t.name = (src.name or b'') + b'_f32'
+                sg.tensors.append(t)
+                floats.append(len(sg.tensors) - 1)
+            dq, q = schema.OperatorT(), schema.OperatorT()
+            dq.opcodeIndex, dq.inputs, dq.outputs = _opcode(model, schema.BuiltinOperator.DEQUANTIZE), \
+                [op.inputs[0]], [floats[0]]
+            q.opcodeIndex, q.inputs, q.outputs = _opcode(model, schema.BuiltinOperator.QUANTIZE), [floats[1]], \
+                [op.outputs[0]]
+            op.inputs, op.outputs = [floats[0]] + list(op.inputs[1:]), [floats[1]]
+            ops += [dq, op, q]
+            moved += 1
+        sg.operators = ops
+    if not moved:
+        return flat, 0
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(model.Pack(builder), file_identifier=b'TFL3')
+    return bytes(builder.Output()), moved
+
+
+def live_bytes_peak(flat: bytes) -> Tuple[int, Optional[int]]:
+    """The largest sum of live activation bytes over the ops (a tensor lives from the op that writes it, or the start
+    for a model input, to its last reader, or the end for a model output) and the op where it occurs: the least
+    memory any planner needs for the activations, which TFLite Micro's greedy planner reaches on these graphs."""
+    model = _model(flat)
+    sg = model.subgraphs[0]
+    first: Dict[int, int] = {i: -1 for i in sg.inputs}
+    last: Dict[int, int] = {}
+    for k, op in enumerate(sg.operators):
+        for i in op.inputs:
+            if i >= 0 and not _is_const(model, sg.tensors[i]):
+                last[i] = k
+        for i in op.outputs:
+            first.setdefault(i, k)
+            last.setdefault(i, k)
+    for i in sg.outputs:
+        last[i] = len(sg.operators)
+    delta = np.zeros(len(sg.operators) + 2, np.int64)
+    for i, k in first.items():
+        nbytes = int(np.prod(sg.tensors[i].shape)) * _ITEMSIZE.get(_TYPE_NAMES[sg.tensors[i].type], 4)
+        delta[max(k, 0)] += nbytes
+        delta[last.get(i, k) + 1] -= nbytes
+    live = np.cumsum(delta)[:len(sg.operators)]
+    if not len(live):
+        return 0, None
+    where = int(live.argmax())
+    return int(live[where]), where
