@@ -28,8 +28,9 @@ COMPARE_MODELS = (
     'mobilenetv2_nlp_headfix2_4222121', 'prepool_maxp_4_mobilenetv2_skip_1222121',
 )
 # the digits, grey, at 32 x 32: the first stage's maps (16 x 16) outweigh the rest, so where and how much a model
-# down-samples shows in its memory; sized to finish in about two minutes on 2 CPU cores
-COMPARE_DEFAULTS = dict(output='output/compare', epochs=4, batch_size=32, img_size=32, in_chans=1)
+# down-samples shows in its memory; one CPU thread, the fastest for networks this small (several threads spend more
+# time waiting for each other than computing, and far more on a shared machine); about two minutes on a CPU core
+COMPARE_DEFAULTS = dict(output='output/compare', epochs=4, batch_size=32, img_size=32, in_chans=1, threads=1)
 PATCHES = 4
 
 

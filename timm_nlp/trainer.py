@@ -122,6 +122,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              'code)')
     parser.add_argument('--checkpoint-hist', type=positive_int, default=3)
     parser.add_argument('--workers', '-j', type=int, default=0)
+    parser.add_argument('--threads', type=positive_int, default=None,
+                        help="CPU threads of torch's operators (torch.set_num_threads; default: torch's choice)")
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -434,6 +436,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         ``model.safetensors``); on a non-zero rank, ``output`` is None.
     """
     args = apply_data_defaults(apply_recipe(args))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(process_device(args.device))
     distributed, rank, world = _init_distributed(str(device))
     random_seed(args.seed)
