@@ -138,8 +138,8 @@ def compare(args: argparse.Namespace) -> List[ModelResult]:
             if result.get('output') is not None:  # None: a non-zero rank under torchrun
                 runs.setdefault(name, []).append(result)
     size = (args.in_chans, args.img_size, args.img_size)
-    results = [ModelResult(name, r, create_model(name, device='meta', in_chans=args.in_chans), size)
-               for name, r in runs.items()]
+    results = [ModelResult(name, r, create_model(name, num_classes=r[0]['num_classes'], in_chans=args.in_chans,
+                                                 device='meta'), size) for name, r in runs.items()]
     if not results:
         return results
     # the top-1 columns are of the weights that rank the checkpoints and are exported: the EMA's with EMA

@@ -431,8 +431,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         args: Arguments of ``add_train_args``.
 
     Returns:
-        The final metrics (``top1``, ``best_top1``, ``best_epoch``, ``last_top1``, ``eval_metric``), ``params``,
-        ``train_img_s`` / ``eval_img_s`` and the paths ``output`` and ``weights`` (the best weights,
+        The final metrics (``top1``, ``best_top1``, ``best_epoch``, ``last_top1``, ``eval_metric``), ``num_classes``,
+        ``params``, ``train_img_s`` / ``eval_img_s`` and the paths ``output`` and ``weights`` (the best weights,
         ``model.safetensors``); on a non-zero rank, ``output`` is None.
     """
     args = apply_data_defaults(apply_recipe(args))
@@ -500,8 +500,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     digest = weights_digest(model)
     _logger.info(f'rank {rank} final weights sha256 {digest}')
     result = dict(model=args.model, epochs=num_epochs, start_epoch=start_epoch, weights_sha256=digest,
-                  params=sum(p.numel() for p in model.parameters()), train_img_s=train_ips, eval_img_s=eval_ips,
-                  **metrics)
+                  num_classes=num_classes, params=sum(p.numel() for p in model.parameters()), train_img_s=train_ips,
+                  eval_img_s=eval_ips, **metrics)
     if rank == 0 and (best := export_best_weights(args.output, record)):
         result.update(best, last_top1=metrics.get(best['eval_metric']), output=args.output)
     if distributed:  # the process group stays for further train() calls (compare); the caller destroys it
