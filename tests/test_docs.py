@@ -148,6 +148,29 @@ def test_timm_script_commands_name_their_options_and_the_cpu():
         assert '--device' in words and words[words.index('--device') + 1] == 'cpu', (page, script, words)
 
 
+def test_the_readme_shows_the_main_job_of_this_version():
+    """README's copy of `timm-nlp compare`'s output: the default models, the defaults' title and columns, and every
+    column that training does not decide (params, MACs, memory) as the command computes it now."""
+    from timm_nlp.compare import COLUMNS, COMPARE_DEFAULTS, COMPARE_MODELS, ModelResult
+    from timm_nlp.models import create_model
+    text = (REPO / 'README.md').read_text()
+    block = next(b for b in re.findall(r'```text\n(.*?)```', text, re.S) if '| model | best-epoch' in b)
+    d = COMPARE_DEFAULTS
+    assert block.startswith(f"{len(COMPARE_MODELS)} models, {d['epochs']} epochs, seed 0, {d['img_size']}x"
+                            f"{d['img_size']} grey input, test top-1; memory of batch 1\n")
+    lines = [line for line in block.splitlines() if line.startswith('| ')]
+    assert [c.strip() for c in lines[0].split('|')[1:-1]] == ['model'] + [c.header for c in COLUMNS]
+    rows = [[c.strip() for c in line.split('|')[1:-1]] for line in lines[1:]]
+    assert [r[0] for r in rows] == list(COMPARE_MODELS)
+    size = (d['in_chans'], d['img_size'], d['img_size'])
+    for row in rows:
+        model = create_model(row[0], num_classes=10, in_chans=d['in_chans'], device='meta')
+        result = ModelResult(row[0], [dict(params=sum(p.numel() for p in model.parameters()))], model, size)
+        for column, cell in zip(COLUMNS, row[1:]):
+            if column.header in ('params (M)', 'MMACs') or 'KiB' in column.header:
+                assert column.value(result) == cell, (row[0], column.header)
+
+
 def test_every_subcommand_has_help():
     from timm_nlp.cli import build_parser
     sub = next(a for a in build_parser()._actions if a.dest == 'command')
