@@ -14,7 +14,9 @@ op of the exported graph by its aten target instead:
   where the scales differ);
 
 and leaves float what is traced under a ``timm_nlp.layers.export_ops.FloatIsland`` (TFLite Micro has no int8 kernel
-for it).
+for it). An op that runs several times (a layer on every patch of patch-based execution, an attention product on every
+chunk) has one quantisation for all its runs, as one layer has one set of scales on a device: its outputs are
+observed together, and concatenating them requantises nothing.
 """
 import operator
 from typing import Optional
@@ -62,6 +64,13 @@ def _is_float(n: object) -> bool:
     if isinstance(v, (list, tuple)):
         v = v[0] if v else None
     return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def _call_site(n: Node) -> tuple:
+    """What identifies an op across its runs: its module, the source lines that called it and its target."""
+    stack = n.meta.get('nn_module_stack') or {}
+    module = list(stack.values())[-1][0] if stack else ''
+    return module, n.meta.get('stack_trace') or n.name, n.target
 
 
 def _in_float_island(n: Node) -> bool:
@@ -113,13 +122,20 @@ class FullInt8Quantizer(PT2EQuantizer):
         return SharedQuantizationSpec(a) if ann is not None and ann.output_qspec is not None else self.act
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        first_run: dict = {}
+
+        def output_spec(n: Node):
+            """A fresh quantisation for the first run of an op, that of its first run for the others."""
+            first = first_run.setdefault(_call_site(n), n)
+            return self.act if first is n else SharedQuantizationSpec(first)
+
         for n in model.graph.nodes:
             name = _op_name(n)
             if name is None or 'quantization_annotation' in n.meta or _in_float_island(n) or not _is_float(n):
                 continue
             users = list(n.users)
             fused = users[0] if len(users) == 1 and _op_name(users[0]) in _FUSED_ACTIVATIONS else None
-            out = None if fused is not None else self.act
+            out = None if fused is not None else output_spec(n)
             if name in _WEIGHTED:
                 x, w = n.args[0], n.args[1]
                 qmap = {x: self._input(x), w: self.weight if w.op == 'get_attr' else self._input(w)}
@@ -146,7 +162,7 @@ class FullInt8Quantizer(PT2EQuantizer):
             else:
                 continue
             if fused is not None and 'quantization_annotation' not in fused.meta:
-                fused.meta['quantization_annotation'] = QuantizationAnnotation({}, self.act, _annotated=True)
+                fused.meta['quantization_annotation'] = QuantizationAnnotation({}, output_spec(fused), _annotated=True)
         return model
 
     def validate(self, model: GraphModule) -> None:

@@ -25,7 +25,8 @@ from timm_nlp.patching import PatchBased, lowest_patched_profile
 from .flatbuffer import float_ops, floatify_ops, io_quantization, op_census, to_int8_io
 from .quantizer import FullInt8Quantizer
 
-__all__ = ['TFLiteModel', 'export_tflite', 'export_form_model', 'widen_stride2_convs', 'DEFAULT_CHUNK']
+__all__ = ['TFLiteModel', 'export_tflite', 'export_form_model', 'fold_batch_norms', 'widen_stride2_convs',
+           'DEFAULT_CHUNK']
 
 DEFAULT_CHUNK = 64
 
@@ -99,11 +100,50 @@ def widen_stride2_convs(model: nn.Module, input_size: Tuple[int, int, int]) -> i
     return widened
 
 
+def fold_batch_norms(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
+    """Fold every batch norm (eval) that directly follows a convolution into it, in place: the convolution takes the
+    scale and shift, the norm becomes the identity (an ``nn.BatchNorm2d`` is replaced; a norm with more in its forward,
+    as timm's ``BatchNormAct2d``, keeps an identity affine). Quantisation would fold them itself, but in the weights
+    of every use of a convolution: several times where one runs on several patches. Returns how many."""
+    producers: Dict[int, nn.Conv2d] = {}
+    pairs: Dict[str, nn.Conv2d] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def conv_hook(m: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        producers[id(output)] = m
+
+    def norm_hook(m: nn.Module, inputs: tuple) -> None:
+        conv = producers.get(id(inputs[0]))
+        if conv is not None:
+            pairs.setdefault(names[m], conv)
+    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if type(m) is nn.Conv2d]
+    hooks += [m.register_forward_pre_hook(norm_hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, conv in pairs.items():
+        bn = model.get_submodule(name)
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+            if type(bn) is nn.BatchNorm2d:
+                model.set_submodule(name, nn.Identity())
+            else:
+                bn.running_mean.zero_(), bn.running_var.fill_(1. - bn.eps), bn.weight.fill_(1.), bn.bias.zero_()
+    return len(pairs)
+
+
 def export_form_model(model: nn.Module, input_size: Tuple[int, int, int], chunk: Optional[int] = DEFAULT_CHUNK,
                       widen: bool = True) -> nn.Module:
     """A copy of ``model`` in eval mode, batch 1, as it is exported: every layer with internal steps in its export
-    form for its input size (the same function in the ops TFLite Micro runs) and, with ``widen``, its stride-2
-    convolutions padded as TFLite pads. Raises an ``ExportError`` naming a layer that has no exact export form."""
+    form for its input size (the same function in the ops TFLite Micro runs), its batch norms folded into their
+    convolutions and, with ``widen``, its stride-2 convolutions padded as TFLite pads. Raises an ``ExportError``
+    naming a layer that has no exact export form."""
     model = copy.deepcopy(model).eval()
     sizes = _input_sizes(model, input_size, (CompoundLayer,))
     replaced: List[str] = []
@@ -117,6 +157,7 @@ def export_form_model(model: nn.Module, input_size: Tuple[int, int, int], chunk:
         if form is not m:
             model.set_submodule(name, form)
             replaced.append(name)
+    fold_batch_norms(model, input_size)
     if widen:
         widen_stride2_convs(model, input_size)
     return model.eval()

@@ -108,9 +108,6 @@ class GaussianPool2d(PoolLayer):
     def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
         if self.ceil_mode:
             raise ExportError('its ceil-mode windows have no TFLite pooling')
-        if in_size[0] < self.stride or in_size[1] < self.stride:
-            raise ExportError(f'its {in_size[0]} x {in_size[1]} input is smaller than its {self.stride} x '
-                              f'{self.stride} window')
         return _GaussianPoolExport(self, in_size)
 
     def extra_repr(self) -> str:
@@ -141,8 +138,9 @@ class _GaussianPoolExport(PoolLayer):
     def _windows(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         s = self.stride
         mean = window_avg(x, s)
-        Ho, Wo = mean.shape[-2], mean.shape[-1]
-        dev = x[:, :, :Ho * s, :Wo * s] - nearest_up(mean, (Ho * s, Wo * s))
+        # the rows and columns the windows cover (the whole axis where it is shorter than a window)
+        h, w = mean.shape[-2] * min(s, x.shape[-2]), mean.shape[-1] * min(s, x.shape[-1])
+        dev = x[:, :, :h, :w] - nearest_up(mean, (h, w))
         std = self.sqrt(torch.clamp_min(window_avg(dev * dev, s), self.eps))
         return mean + scale * std
 

@@ -1,0 +1,100 @@
+"""Export forms (``PoolLayer.export_form``): in float they compute what the layers compute, in the ops TFLite Micro
+runs; layers without an exact one say why."""
+import pytest
+import torch
+from torch import nn
+
+import timm_nlp
+from timm_nlp.layers import create_pool2d
+from timm_nlp.layers.export_ops import ExportError, FloatIsland, nearest_up, tree_cat
+from timm_nlp.layers.self_attn_pool import ChunkedAttention, upsample_nearest
+
+
+def _random_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
+            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
+    return model.eval()
+
+
+POOLS = [
+    ('lip', (13, 11), 2, {}), ('nlp', (12, 12), 2, {}), ('nlp_nowin', (10, 14), 3, dict(patch_size=4)),
+    ('nlp', (13, 11), 2, dict(patch_size=3)), ('nlp_nowin', (16, 16), 2, dict(patch_size=2)),
+    ('nlp', (16, 16), 2, dict(patch_size=2)), ('mixp', (12, 10), 2, dict(patch_size=2)),
+    ('gaussian_pool', (13, 12), 2, {}), ('gaussian_pool', (12, 12), 3, {}), ('gaussian_pool', (1, 5), 2, {}),
+    ('nlp_headfix2', (24, 20), 2, {}),
+    ('nlp', (3, 13), 2, dict(patch_size=4)), ('avgp', (9, 8), 2, {}), ('maxp', (9, 8), 3, {}),
+]
+
+
+@pytest.mark.parametrize('name, size, stride, kwargs', POOLS)
+def test_export_forms_compute_the_layers(name, size, stride, kwargs):
+    pool = _random_bn(create_pool2d(name, 8, stride, **kwargs)).double()
+    x = torch.randn(1, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = pool(x)
+        for chunk in (None, 7, 13):  # query chunks that do not divide the token count
+            form = pool.export_form(size, chunk)
+            assert torch.allclose(form(x), ref, rtol=0, atol=1e-12 * max(1., ref.abs().max().item())), chunk
+
+
+def test_chunked_attention_holds_a_chunk_of_scores():
+    """Chunks of c queries: no score matrix larger than c x N is ever computed; long rows take the float island."""
+    pool = create_pool2d('nlp_headfix2', 8, 2).eval()
+    attn = ChunkedAttention(pool.non_local.attn, chunk=16)
+    t = torch.randn(1, 24 * 25, pool.non_local.embed_dim)
+    seen = []
+    attn.softmax_pv.register_forward_pre_hook(lambda m, inputs: seen.append(tuple(inputs[0].shape)))
+    with torch.no_grad():
+        out = attn(t)
+        ref = pool.non_local.attn(t)
+    assert torch.allclose(out, ref, atol=1e-5)
+    # 600 keys (more than TFLite Micro's int8 softmax takes): float, 16 queries at a time, the last 8; two heads
+    assert [s[0] for s in seen] == ([16] * 37 + [8]) * 2 and all(s[1] == 600 for s in seen)
+    short = ChunkedAttention(pool.non_local.attn, chunk=16)
+    seen.clear()
+    short.softmax_pv.register_forward_pre_hook(lambda m, inputs: seen.append(1))
+    with torch.no_grad():
+        short(t[:, :300])
+    assert not seen  # rows of 300 keys: TFLite Micro's int8 softmax takes them
+
+
+def test_nearest_up_and_tree_cat_are_the_layers_ops():
+    t = torch.randn(1, 3, 5, 4)
+    for size in ((10, 8), (13, 9), (5, 4)):
+        assert torch.equal(nearest_up(t, size), upsample_nearest(t, size))
+    parts = [torch.randn(1, 2, 3, i + 1) for i in range(23)]
+    concat_inputs = []
+    original = torch.cat
+
+    def counting_cat(tensors, dim):
+        concat_inputs.append(len(tensors))
+        return original(tensors, dim)
+    torch.cat = counting_cat
+    try:
+        out = tree_cat(parts, -1)
+    finally:
+        torch.cat = original
+    assert torch.equal(out, original(parts, -1)) and max(concat_inputs) <= 10
+
+
+@pytest.mark.parametrize('name, match', [
+    ('dfmnlp', 'deformable embedding'), ('nlp_headfix2', 'dynamic convolutions')])
+def test_layers_without_an_exact_export_form_say_why(name, match):
+    pool = create_pool2d(name, 8, 2, dynamic=name == 'nlp_headfix2')
+    with pytest.raises(ExportError, match=match):
+        pool.export_form((16, 16))
+    with pytest.raises(ExportError, match='ceil-mode'):
+        create_pool2d('lip', 8, 2, ceil_mode=True).export_form((15, 15))
+
+
+def test_float_islands_are_named():
+    pool = create_pool2d('gaussian_pool', 8, 2).eval()
+    names = sorted(m.name for m in pool.export_form((8, 8)).modules() if isinstance(m, FloatIsland))
+    assert names == ['softplus', 'sqrt']
+    model = timm_nlp.create_model('resnet18_lip_2222', num_classes=3).eval()
+    assert not any(isinstance(m, FloatIsland) for m in model.layer1.pool.export_form((56, 56)).modules())
