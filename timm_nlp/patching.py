@@ -19,7 +19,8 @@ from torch import nn
 from ._modules import Units, meta_copy, model_units, substituted
 from .layers.export_ops import tree_cat
 from .layers.protocol import CompoundLayer, PoolLayer, ShapeOnly
-from .profiler import ActivationProfile, activation_profile, count_macs, itemsize_of
+from .export_model import export_form_model
+from .profiler import ActivationProfile, activation_profile, count_macs, itemsize_of, tflm_profile
 
 __all__ = [
     'patch_based', 'PatchBased', 'PatchPlan', 'TwoPass', 'patch_plan', 'model_units', 'patched_profile',
@@ -318,6 +319,8 @@ class PatchBased(nn.Module):
                 capture.seen = None
             r0, r1 = o0 * s // q * q, Hp if o1 == last_row else o1 * s // q * q
             c0, c1 = p0 * s // q * q, Wp if p1 == last_col else p1 * s // q * q
+            if r0 == r1 or c0 == c1:  # a patch that owns less than a token: its neighbours embed it
+                continue
             region = out[:, :, r0 - a0 // si:r1 - a0 // si, c0 - b0 // si:c1 - b0 // si]
             parts.append(((r0, c0), pool.first_pass(region)))
         return pool.global_state(parts, tp.in_size)
@@ -371,9 +374,14 @@ def patched_profile(
     assembles: a non-local pool's token grid, a Gaussian pool's per-channel sums), then its global step (a non-local
     pool's attention on the whole token grid); every later step holds its global state (token weights), and its
     pooling step counts no attention of its own. The input image is read patch by patch (only the crop is counted, as
-    MCUNetV2 counts it)."""
+    MCUNetV2 counts it). The ``tflm`` accounting counts the deployed graph (``tflm_profile``), which holds the whole
+    input image, as TFLite Micro does."""
     if split is None:
         return lowest_patched_profile(model, input_size, patches, dtype, accounting)[1]
+    if accounting == 'tflm':  # the deployed model's patch-based graph, as TFLite Micro plans it
+        deployed = PatchBased(export_form_model(meta_copy(model), input_size), patches, split)
+        deployed.plan(input_size)
+        return tflm_profile(deployed, input_size, itemsize_of(dtype))
     wrapped = PatchBased(model, patches, split)
     plan = wrapped.plan(input_size)
     h, w = plan.max_patch

@@ -13,17 +13,20 @@ import torchvision.ops  # noqa: F401  registers torch.ops.torchvision (deform_co
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._modules import meta_copy
+from .export_model import export_form_model
+from .layers.export_ops import FloatIsland
 from .layers.protocol import CompoundLayer
 
 __all__ = [
     'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ACCOUNTINGS', 'DTYPES', 'itemsize_of',
-    'measured_peak_bytes', 'storage_key',
+    'measured_peak_bytes', 'storage_key', 'tflm_profile',
 ]
 
 
@@ -118,7 +121,7 @@ def _held_bytes(held: List[Tuple[torch.Tensor, ...]], inputs, output, itemsize: 
     return total
 
 
-ACCOUNTINGS = ('layers', 'mcunet', 'inplace-dw')
+ACCOUNTINGS = ('layers', 'mcunet', 'inplace-dw', 'tflm')
 DTYPES = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'int8': 1}
 
 
@@ -168,6 +171,9 @@ def activation_profile(
       projection shortcut during every conv after its first (the projection still needs it).
     - ``inplace-dw``: ``mcunet`` with depthwise convs computed in place, as TinyEngine does (one buffer, the larger
       of input and output).
+    - ``tflm``: the model as it is deployed (``timm_nlp.export_model.export_form_model``) as TensorFlow Lite Micro
+      runs it: every op of its graph a step, holding every tensor that is live at it (``tflm_profile``), so that the
+      peak predicts the head of TFLite Micro's arena.
 
     In every accounting, a layer with internal steps (a ``CompoundLayer``: the pooling layers, dynamic and
     deformable convs) is one step too, after its internal steps, whose live memory adds the map it computes with
@@ -179,6 +185,8 @@ def activation_profile(
     if accounting not in ACCOUNTINGS:
         raise ValueError(f"accounting '{accounting}' is not one of {', '.join(ACCOUNTINGS)}.")
     itemsize = itemsize_of(dtype)
+    if accounting == 'tflm':
+        return tflm_profile(export_form_model(meta_copy(model), input_size), input_size, itemsize)
     meta = meta_copy(model).to(dtype=torch.float32)
     folded = accounting != 'layers'
     step_types = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -256,3 +264,152 @@ def measured_peak_bytes(fn: Callable[[], object]) -> int:
         live += nbytes
         peak = max(peak, live)
     return peak
+
+
+# aten ops the TFLite graph has no tensor of its own for: views and reshapes (layout, which the converter plans
+# away), activations fused into the op before them, folded (identity) norms, copies
+_TFLM_ALIASES = {
+    'view', '_unsafe_view', 'reshape', 'unsqueeze', 'squeeze', 'expand', 'permute', 'transpose', 't', 'alias',
+    'flatten', 'unflatten', 'detach', 'clone', 'contiguous', 'dropout', 'relu', 'relu_', 'hardtanh', 'hardtanh_',
+    'clamp', 'clamp_min', '_native_batch_norm_legit_no_training', 'native_batch_norm', 'batch_norm', 'lift_fresh',
+    'lift_fresh_copy',
+    '_to_copy', 'select'}
+_TFLM_ALIGN = 16  # TFLite Micro's buffer alignment
+# padded convs and pools, and the argument that holds their padding
+_TFLM_PADDED = {'convolution': 4, 'max_pool2d_with_indices': 3, 'avg_pool2d': 3}
+
+
+class _TFLMTrace(TorchDispatchMode):
+    """Records every aten op of a forward on the meta device as the TFLite graph has it: its input and output
+    buffers (a view or fused op is its input's buffer; a slice is one buffer per distinct slice; what no activation
+    flows into, the weights among them, is a constant), with the module it ran in."""
+
+    def __init__(self, itemsize: int):
+        super().__init__()
+        self.itemsize = itemsize
+        self.buffer: Dict[int, int] = {}  # tensor (its id; views are tensors of their own) -> buffer
+        self.alive: List[torch.Tensor] = []  # every tensor seen, so that no id is reused
+        self.sizes: List[int] = []
+        self.ops: List[Tuple[str, str, List[int], List[int], Tuple[int, ...]]] = []
+        self.slices: Dict[tuple, int] = {}
+        self.module = ['']
+        self.island = 0
+
+    @staticmethod
+    def explicit_pad(name: str, args: tuple) -> bool:
+        """Whether TFLite needs a PAD op before this padded conv or pool: its padding is neither VALID (none) nor
+        what SAME pads before the first pixel, for the same output size."""
+        x = args[0]
+        if name == 'convolution':
+            kernel, stride, padding, dilation = args[1].shape[-2:], args[3], args[4], args[5]
+        else:  # trailing arguments at their defaults are left out
+            kernel = args[1]
+            stride = args[2] if len(args) > 2 and args[2] else kernel
+            padding = args[3] if len(args) > 3 else (0, 0)
+            dilation = args[4] if name == 'max_pool2d_with_indices' and len(args) > 4 else (1, 1)
+            kernel, stride, padding, dilation = (v if len(v) == 2 else (v[0], v[0])
+                                                 for v in (kernel, stride, padding, dilation))
+        for size, k, s, p, d in zip(x.shape[-2:], kernel, stride, padding, dilation):
+            if p == 0:
+                continue
+            out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+            total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+            if out != -(-size // s) or total // 2 != p:
+                return True
+        return False
+
+    def new_buffer(self, t: torch.Tensor, itemsize: int) -> int:
+        self.sizes.append(-(-t.numel() * itemsize // _TFLM_ALIGN) * _TFLM_ALIGN)
+        self.name(t, len(self.sizes) - 1)
+        return len(self.sizes) - 1
+
+    def name(self, t: torch.Tensor, buffer: int) -> None:
+        self.buffer[id(t)] = buffer
+        self.alive.append(t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        ins = [self.buffer[id(t)] for t in _tensors(list(args)) if id(t) in self.buffer]
+        outs = [t for t in _tensors(out) if t.dtype.is_floating_point]
+        if not ins:  # computed from constants only: a constant
+            return out
+        itemsize = 4 if self.island else self.itemsize
+        if name in _TFLM_ALIASES and outs:
+            for t in outs:
+                self.name(t, ins[0])
+            return out
+        if name in _TFLM_PADDED and self.explicit_pad(name, args):
+            # TFLite's SAME padding puts the odd pixel after, PyTorch's before: a PAD op copies the input first
+            pad = args[_TFLM_PADDED[name]]
+            x = args[0]
+            padded = len(self.sizes)
+            self.sizes.append(-(-x.numel() // (x.shape[-2] * x.shape[-1]) * (x.shape[-2] + 2 * pad[0])
+                                * (x.shape[-1] + 2 * pad[-1]) * itemsize // _TFLM_ALIGN) * _TFLM_ALIGN)
+            self.ops.append((self.module[-1], 'pad', ins[:1], [padded], ()))
+            ins = [padded] + ins[1:]
+        if name == 'slice' and tuple(outs[0].shape) == tuple(args[0].shape):  # a whole axis: the tensor itself
+            self.name(outs[0], ins[0])
+            return out
+        if name == 'slice':
+            key = (ins[0],) + tuple(a for a in args[1:] if isinstance(a, int))
+            if key in self.slices:
+                self.name(outs[0], self.slices[key])
+                return out
+            self.slices[key] = self.new_buffer(outs[0], itemsize)
+            made = [self.slices[key]]
+        else:
+            made = [self.new_buffer(t, itemsize) for t in outs]
+        self.ops.append((self.module[-1], name, ins, made, tuple(outs[0].shape) if outs else ()))
+        return out
+
+
+def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: int = 1) -> 'ActivationProfile':
+    """The ops of ``model`` (on the meta device) as TensorFlow Lite Micro plans them: a buffer per op output (views,
+    fused activations and folded norms none of their own), the input's from the start, each until its last reader,
+    the output's to the end, each aligned to 16 bytes; ops inside a ``FloatIsland`` in float (4 bytes). A step per op
+    holds every live buffer, so the peak is the least arena head any planner needs (which TFLite Micro's greedy planner
+    reaches on these graphs)."""
+    meta = meta_copy(model)
+    trace = _TFLMTrace(itemsize)
+    names = {m: n for n, m in meta.named_modules()}
+
+    def enter(m: nn.Module, inputs: tuple) -> None:
+        trace.module.append(names.get(m, trace.module[-1]))  # a view (patch-based execution) is its module
+        trace.island += isinstance(m, FloatIsland)
+
+    def leave(m: nn.Module, inputs: tuple, output) -> None:
+        trace.module.pop()
+        trace.island -= isinstance(m, FloatIsland)
+    hooks = [h for m in meta.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    x = torch.empty(1, *input_size, device='meta')
+    trace.new_buffer(x, itemsize)
+    try:
+        with torch.no_grad(), trace:
+            y = meta(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(trace.ops)
+    born = {0: 0}
+    last = {}
+    for k, (_, _, ins, made, _) in enumerate(trace.ops):
+        for b in ins:
+            last[b] = k
+        for b in made:
+            born.setdefault(b, k)
+            last.setdefault(b, k)
+    for t in _tensors(y):
+        if id(t) in trace.buffer:
+            last[trace.buffer[id(t)]] = n - 1
+    delta = [0] * (n + 1)
+    for b, k in born.items():
+        delta[k] += trace.sizes[b]
+        delta[last.get(b, k) + 1] -= trace.sizes[b]
+    layers, live = [], 0
+    for k, (module, name, ins, made, shape) in enumerate(trace.ops):
+        live += delta[k]
+        in_bytes = sum(trace.sizes[b] for b in set(ins))
+        out_bytes = sum(trace.sizes[b] for b in made)
+        layers.append(LayerMemory(module or name, name, shape, in_bytes, out_bytes, 0, live - in_bytes - out_bytes))
+    return ActivationProfile(layers, 'tflm')

@@ -460,10 +460,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     # the run's record, in every checkpoint (timm-nlp push) with its epoch's results (returned on a rerun)
     record = dict(architecture=args.model, num_classes=num_classes, label_names=train_ds.label_names,
                   recipe=_recipe(args, data_cfg), eval_metric=eval_metric)
-    saver = CheckpointSaver(model, optimizer, args=argparse.Namespace(
-        **{k: v for k, v in vars(args).items() if not callable(v)}, **{RECORD_KEY: record}), amp_scaler=loss_scaler,
-        task=task, checkpoint_dir=args.output, recovery_dir=args.output, max_history=args.checkpoint_hist) \
-        if rank == 0 else None
+    saver = _checkpoint_saver(args, model, task, optimizer, loss_scaler, record) if rank == 0 else None
     start_epoch, finished = resume(args, model, task, optimizer, loss_scaler, saver, num_epochs)
     metrics, train_ips, eval_ips = (finished['metrics'], finished['train_img_s'], finished['eval_img_s']) \
         if finished else ({}, 0., 0.)
@@ -488,12 +485,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         scheduler.step(epoch + 1, metrics[eval_metric])
         if saver is not None:
-            lr = optimizer.param_groups[0]['lr']
-            _logger.info(f"epoch {epoch + 1}/{num_epochs}  train_loss {train_metrics['loss']:.4f}  "
-                         f"eval_loss {metrics['loss']:.4f}  top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
-                         f"lr {lr:.2e}  train {train_ips:.0f} img/s")
-            update_summary(epoch, train_metrics, metrics, os.path.join(args.output, 'summary.csv'), lr=lr,
-                           write_header=epoch == 0)
+            _log_epoch(args.output, epoch, num_epochs, train_metrics, metrics, optimizer.param_groups[0]['lr'],
+                       train_ips)
             # top1: the eval of the checkpoint's state_dict (what push exports); metric: what ranks the checkpoints
             record.update(top1=metrics['top1'], metrics=metrics, train_img_s=train_ips, eval_img_s=eval_ips)
             saver.save_checkpoint(epoch, metric=metrics[eval_metric])
@@ -507,6 +500,23 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if distributed:  # the process group stays for further train() calls (compare); the caller destroys it
         dist.barrier()
     return result
+
+
+def _checkpoint_saver(args: argparse.Namespace, model: torch.nn.Module, task: ClassificationTask, optimizer: Any,
+                      loss_scaler: Optional[NativeScaler], record: Dict[str, Any]) -> CheckpointSaver:
+    """timm's saver of the run's checkpoints; their ``args`` are the run's arguments with its ``record``, which
+    the trainer updates with each epoch's results before it saves."""
+    run_args = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)}, **{RECORD_KEY: record})
+    return CheckpointSaver(model, optimizer, args=run_args, amp_scaler=loss_scaler, task=task,
+                           checkpoint_dir=args.output, recovery_dir=args.output, max_history=args.checkpoint_hist)
+
+
+def _log_epoch(output: str, epoch: int, num_epochs: int, train_metrics: Dict[str, float], metrics: Dict[str, float],
+               lr: float, train_ips: float) -> None:
+    _logger.info(f"epoch {epoch + 1}/{num_epochs}  train_loss {train_metrics['loss']:.4f}  "
+                 f"eval_loss {metrics['loss']:.4f}  top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
+                 f"lr {lr:.2e}  train {train_ips:.0f} img/s")
+    update_summary(epoch, train_metrics, metrics, os.path.join(output, 'summary.csv'), lr=lr, write_header=epoch == 0)
 
 
 def _recipe(args: argparse.Namespace, data_cfg: Dict[str, Any]) -> Dict[str, Any]:

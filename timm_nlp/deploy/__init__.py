@@ -11,5 +11,5 @@ except ImportError as e:
                       "'timm-nlp[deploy]' (litert-torch, ai-edge-litert and the pre-release tflite-micro).") from None
 
 from .flatbuffer import float_ops, io_quantization, live_bytes_peak, op_census, op_list
-from .tflite import DEFAULT_CHUNK, TFLiteModel, export_form_model, export_tflite, widen_stride2_convs
+from .tflite import TFLiteModel, export_tflite
 from .tflm import ArenaUse, TFLMError, litert_reference, lsb_agreement, tflm_arena, tflm_run

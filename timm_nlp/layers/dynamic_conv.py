@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
+from .export_ops import ExportError
 from .protocol import CompoundLayer, PatchSupport
 
 __all__ = ['DynamicConv2d', 'convert_dynamic_conv', 'set_dynamic_temperature']
@@ -134,6 +135,10 @@ class DynamicConv2d(CompoundLayer):
 
     def patch_support(self) -> PatchSupport:
         return PatchSupport.whole_map('its kernel mixture is routed by a global average of its input')
+
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        raise ExportError('its dynamic convolution mixes per-sample kernels at run time; TFLite convolutions take '
+                          'constant weights')
 
     def _forward_batch_agnostic(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         K, G = self.num_kernels, self.groups

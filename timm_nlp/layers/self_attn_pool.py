@@ -171,6 +171,9 @@ class DeformConv2d(CompoundLayer):
     def patch_support(self) -> PatchSupport:
         return PatchSupport.whole_map('its sampling offsets are unbounded')
 
+    def export_form(self, in_size: Tuple[int, int], chunk: Optional[int] = None) -> nn.Module:
+        raise ExportError('its deformable convolution (torchvision deform_conv2d) has no TFLite op')
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The embedding ``(B, out, H // k, W // k)`` and the offsets it sampled with."""
         B, C, H, W = x.shape

@@ -1,0 +1,140 @@
+"""Deployment (timm_nlp.deploy): int8 TFLite models that TensorFlow Lite Micro runs, its arena, the ``tflm``
+accounting that predicts it, patch-based execution in one graph, and the errors before any conversion.
+
+Conversions take 15-60 s each on two cores: the models here are small (32-64 px, 10 classes, minmax calibration on a
+few Fashion-MNIST images); the 224 px table is ``benchmarks/bench_deploy.py``'s."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import timm_nlp
+from timm_nlp.export_model import export_form_model
+from timm_nlp.layers.export_ops import ExportError
+from timm_nlp.patching import patched_profile
+from timm_nlp.profiler import activation_profile
+
+deploy = pytest.importorskip('timm_nlp.deploy', reason="needs the deploy extra: pip install 'timm-nlp[deploy]'")
+from timm_nlp.deploy.calibration import calibration_images  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _model(name: str, size: int) -> nn.Module:
+    """``name`` with 10 classes, its norms' statistics those of Fashion-MNIST images (a random network's are not:
+    int8 ranges of untrained statistics say little)."""
+    torch.manual_seed(0)
+    model = timm_nlp.create_model(name, num_classes=10)
+    images = calibration_images('fashion-mnist', model, (3, size, size), 48)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(images[:32])
+    return model.eval(), images[32:]
+
+
+def _int8(images: torch.Tensor, exported) -> np.ndarray:
+    _, _, scale, zero = exported.io['inputs'][0]
+    x = np.round(images.permute(0, 2, 3, 1).numpy() / scale) + zero
+    return np.clip(x, -128, 127).astype(np.int8)[:, None]
+
+
+def _float(outputs: np.ndarray, exported) -> np.ndarray:
+    _, _, scale, zero = exported.io['outputs'][0]
+    return (outputs.astype(np.float32) - zero).reshape(len(outputs), -1) * scale
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.mark.slow
+def test_a_local_network_deploys_fully_int8():
+    model, images = _model('resnet18_maxp_2222', 48)
+    exported = deploy.export_tflite(model, images[:4], observer='minmax')
+    assert exported.fully_int8 and exported.float_ops == [] and exported.float_islands == []
+    assert not any(op in exported.ops for op in ('PAD', 'PADV2', 'QUANTIZE', 'DEQUANTIZE'))  # SAME-padded convs
+    assert exported.io['inputs'][0][:2] == ('INT8', (1, 48, 48, 3)) and exported.io['outputs'][0][:2] == ('INT8',
+                                                                                                       (1, 10))
+    x = _int8(images, exported)
+    out = deploy.tflm_run(exported.flatbuffer, x)
+    agree, worst = deploy.lsb_agreement(out, deploy.litert_reference(exported.flatbuffer, x))
+    assert agree >= 0.99, (agree, worst)
+    with torch.no_grad():
+        ref = model(images).numpy()
+    ours = _float(out, exported)
+    assert _cosine(ours, ref).mean() > 0.95 and (ours.argmax(1) == ref.argmax(1)).mean() >= 0.8
+    arena = deploy.tflm_arena(exported.flatbuffer)
+    assert arena.searched and arena.arena_bytes == arena.head + arena.tail
+    # the tflm accounting predicts the head from the model alone
+    counted = activation_profile(model, (3, 48, 48), dtype='int8', accounting='tflm').peak_bytes
+    assert abs(counted - arena.head) <= 0.05 * arena.head, (counted, arena.head)
+    assert deploy.live_bytes_peak(exported.flatbuffer)[0] == arena.head
+
+
+@pytest.mark.slow
+def test_patch_based_execution_deploys_as_one_graph():
+    model, images = _model('resnet18_lip_2222', 64)
+    whole = deploy.export_tflite(model, images[:4], observer='minmax')
+    patched = deploy.export_tflite(model, images[:4], patches=2, split='layer1', observer='minmax')
+    assert patched.fully_int8 and patched.split == 'layer1' and patched.ops['SLICE'] >= 4
+    x = _int8(images, patched)
+    a, b = _float(deploy.tflm_run(whole.flatbuffer, x), whole), _float(deploy.tflm_run(patched.flatbuffer, x), patched)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9 and _cosine(a, b).min() > 0.95
+    arena = deploy.tflm_arena(patched.flatbuffer, search=False)
+    counted = patched_profile(model, (3, 64, 64), 2, 'layer1', dtype='int8', accounting='tflm').peak_bytes
+    assert abs(counted - arena.head) <= 0.05 * arena.head, (counted, arena.head)
+
+
+@pytest.mark.slow
+def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
+    model, images = _model('prepool-nlp_headfix2-2-resnet18-skip-1222', 48)  # 24 x 24 = 576 tokens: float rows
+    exported = deploy.export_tflite(model, images[:4], chunk=100, observer='minmax')
+    ops = exported.ops
+    assert exported.float_islands == ['softmax'] and 'SOFTMAX (float)' in ops
+    assert ops['SOFTMAX (float)'] == 2 * 6  # two heads, 576 queries in chunks of 100
+    assert not {'SIGN', 'FLOOR_MOD', 'FLOOR_DIV', 'GATHER', 'EXP', 'BATCH_MATMUL'} & set(ops)
+    assert set(exported.float_ops) <= {'DEQUANTIZE', 'QUANTIZE', 'SOFTMAX', 'FULLY_CONNECTED'}
+    x = _int8(images[:4], exported)
+    out = deploy.tflm_run(exported.flatbuffer, x)
+    with torch.no_grad():
+        ref = model(images[:4]).numpy()
+    assert _cosine(_float(out, exported), ref).mean() > 0.9
+    arena = deploy.tflm_arena(exported.flatbuffer, search=False)
+    assert arena.head < 576 * 576 * 4  # no 576 x 576 score matrix
+    form = export_form_model(model, (3, 48, 48), chunk=100)
+    with torch.no_grad():
+        assert torch.allclose(form(images[:2]), model(images[:2]), atol=1e-4)
+
+
+def test_layers_without_an_exact_export_form_are_named_before_converting():
+    model = timm_nlp.create_model('resnet18_dfmnlp_headfix2_reduced_2222', num_classes=3)
+    with pytest.raises(ExportError, match=r"'layer1.pool' \(WeightedPool2d\) cannot be exported exactly: its "
+                                          'deformable embedding'):
+        deploy.export_tflite(model, torch.randn(2, 3, 32, 32))
+    with pytest.raises(ExportError, match="'conv1' .*dynamic convolutions|'conv1' .*mixes per-sample kernels|"
+                                          "'conv1' .*per-sample"):
+        export_form_model(timm_nlp.create_model('dyresnet18_skip_1222', num_classes=3), (3, 32, 32))
+
+
+def test_without_the_extra_the_message_says_how_to_install_it():
+    code = ("import sys; sys.modules['litert_torch'] = None\n"
+            "try:\n    import timm_nlp.deploy\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+    assert "pip install 'timm-nlp[deploy]'" in out and 'litert_torch' in out
+
+
+def test_a_failing_arena_never_takes_the_caller_down():
+    model, images = _model('resnet18_avgp_4222', 32)
+    exported = deploy.export_tflite(model, images[:2], observer='minmax')
+    with pytest.raises(deploy.TFLMError, match='TFLite Micro failed'):
+        deploy.tflm_run(exported.flatbuffer, _int8(images[:1], exported), arena=512)
+    arena = deploy.tflm_arena(exported.flatbuffer)  # the search tries smaller arenas, in child processes
+    assert arena.searched and arena.arena_bytes > 512
