@@ -239,6 +239,15 @@ def test_push_refuses_a_checkpoint_that_lacks_tensors(exported, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('name', ['model.safetensors', 'last.pth.tar'])
+def test_push_of_a_missing_checkpoint_is_one_line(tmp_path, name):
+    proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', 'push', str(tmp_path / name), '--repo', 'org/x',
+                           '--dry-run', '--out', str(tmp_path / 'out')], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == f"timm-nlp push: error: Checkpoint '{tmp_path / name}' does not exist."
+
+
 def test_push_of_a_stock_timm_model(tmp_path):
     """`timm-nlp train --model resnet18` (the baseline) writes a stock timm model: it pushes without pooling rows."""
     torch.manual_seed(0)

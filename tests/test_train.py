@@ -295,12 +295,19 @@ def test_bad_input_fails_before_training(tmp_path, args, pattern):
     (['--dataset-download'], r'--dataset-download applies to torch/ data sets only'),
     (['--dy-anneal-epochs', '2'], r'--dy-anneal-epochs: resnet18_nlp_headfix2_2222 has no dynamic convolutions'),
     (['--resume', 'no/such/last.pth.tar'], r"Resume checkpoint 'no/such/last.pth.tar' does not exist"),
+    (['--initial-checkpoint', 'no/such.safetensors'], r"Checkpoint 'no/such.safetensors' does not exist"),
 ])
 def test_bad_input_is_one_line_naming_the_option(tmp_path, args, pattern):
     out = tmp_path / 'out'
     line = _one_line_error(_cli('train', *args, '--output', out, check=False, timeout=120))
     assert re.search(pattern, line), line
     assert not out.exists()
+
+
+def test_compare_refuses_one_resume_file_for_every_model(tmp_path):
+    line = _one_line_error(_cli('compare', '--resume', 'last.pth.tar', '--output', tmp_path / 'out', check=False,
+                                timeout=120), 'compare')
+    assert "--resume last.pth.tar: compare resumes each model from its own folder; use 'auto' or 'none'" in line
 
 
 def _grey_folder(root: Path, mode: str, classes: int = 2, per_class: int = 6, size: int = 16) -> Path:

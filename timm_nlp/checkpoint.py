@@ -121,6 +121,8 @@ def checkpoint_record(path: str) -> Dict[str, Any]:
     Args:
         path: Any weights file.
     """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
     if path.endswith('.safetensors'):
         return read_metadata(path) or {}
     try:
