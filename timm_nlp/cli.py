@@ -20,6 +20,8 @@ def _profile_json(p, args: argparse.Namespace) -> dict:
 
 def _profile(args: argparse.Namespace) -> None:
     import json
+    if args.runtime == 'tflm':
+        return _runtime_profile(args)
     from .tools.profile import compare_table, plot_memory, profile_model
     from .tools.tables import markdown_table
     kw = dict(dtype=args.dtype, accounting=args.accounting, patches=args.patches, split=args.split)
@@ -61,6 +63,76 @@ def _profile(args: argparse.Namespace) -> None:
         print(f'plot written to {args.plot}')
 
 
+def _deploy_model(args: argparse.Namespace):
+    """The model to deploy (a name, or ``--checkpoint``'s trained weights) and its input size."""
+    from .hub import checkpoint_model
+    from .models import create_model
+    if getattr(args, 'checkpoint', ''):
+        model, meta = checkpoint_model(args.checkpoint)
+        return model, (meta['in_chans'], args.img_size, args.img_size)
+    return create_model(args.model, num_classes=args.num_classes, in_chans=args.in_chans).eval(), \
+        (args.in_chans, args.img_size, args.img_size)
+
+
+def _tflite(args: argparse.Namespace, model, size):
+    from .deploy import export_tflite
+    from .deploy.calibration import calibration_images
+    calib = calibration_images(args.calib, model, size, args.calib_count)
+    return export_tflite(model, calib, patches=args.patches, split=args.split, chunk=args.chunk,
+                         observer=args.observer)
+
+
+def _export(args: argparse.Namespace) -> None:
+    model, size = _deploy_model(args)
+    if args.format == 'onnx':
+        if args.int8 or args.patches:
+            raise ValueError('--int8 and --patches apply to --format tflite; the ONNX export is float.')
+        from .export import export_onnx
+        diff = export_onnx(model, args.output, size)
+        print(f'{args.output}: ONNX, largest difference from PyTorch in onnxruntime {diff:.2e}')
+        return
+    if not args.int8:
+        raise ValueError('--format tflite exports static int8 models for TFLite Micro: add --int8.')
+    exported = _tflite(args, model, size)
+    exported.save(args.output)
+    float_ops = sorted(set(exported.float_ops))
+    print(f"{args.output}: {len(exported.flatbuffer)} bytes, int8 NHWC input {exported.io['inputs'][0][1]}, "
+          f"{sum(exported.ops.values())} ops" + (f', patch-based {args.patches}x{args.patches} up to '
+                                                   f'{exported.split}' if args.patches else '') +
+          (f"; float (TFLite Micro has no int8 kernel): {', '.join(float_ops)} in {', '.join(exported.float_islands)}"
+           if float_ops else '; fully int8'))
+
+
+def _runtime_profile(args: argparse.Namespace) -> None:
+    """``profile --runtime tflm``: export each model, run it in TFLite Micro, report its arena beside the count."""
+    import json
+    from .deploy import tflm_arena
+    from .patching import patched_profile
+    from .profiler import activation_profile
+    from .tools.tables import markdown_table
+    rows = []
+    for name in args.models:
+        run = argparse.Namespace(**dict(vars(args), model=name, checkpoint=''))
+        model, size = _deploy_model(run)
+        exported = _tflite(run, model, size)
+        arena = tflm_arena(exported.flatbuffer)
+        if args.patches:
+            counted = patched_profile(model, size, args.patches, exported.split, dtype='int8', accounting='tflm')
+        else:
+            counted = activation_profile(model, size, dtype='int8', accounting='tflm')
+        rows.append(dict(name=name, img_size=args.img_size, patches=args.patches, split=exported.split,
+                         arena_bytes=arena.arena_bytes, head=arena.head, tail=arena.tail,
+                         counted_head=counted.peak_bytes, flash_bytes=len(exported.flatbuffer), ops=exported.ops,
+                         float_ops=sorted(set(exported.float_ops)), float_islands=exported.float_islands))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(markdown_table(['model', 'TFLite Micro arena (B)', 'head (B)', 'tail (B)', 'counted head, tflm (B)',
+                          'flash (B)', 'float ops'],
+                         [[r['name'], r['arena_bytes'], r['head'], r['tail'], r['counted_head'], r['flash_bytes'],
+                           ', '.join(r['float_ops']) or '-'] for r in rows]))
+
+
 def _push(args: argparse.Namespace) -> None:
     from .hub import export_for_hub, push
     if args.dry_run:
@@ -83,6 +155,24 @@ def _stl10(args: argparse.Namespace) -> None:
     counts = convert_stl10(args.src, args.dst, splits=args.splits)
     for split, n in counts.items():
         print(f'{split}: {n} images -> {os.path.join(args.dst, split)}')
+
+
+def _deploy_args(p: argparse.ArgumentParser, positive_int, single: bool) -> None:
+    """The options of an int8 TFLite export (``export``, ``profile --runtime tflm``)."""
+    from .export_model import CALIBRATION_SETS, DEFAULT_CHUNK, OBSERVERS
+    if single:
+        p.add_argument('--patches', type=positive_int, default=None,
+                       help='run the high-resolution prefix on an N x N grid of patches, in the same graph')
+        p.add_argument('--split', default=None, help='the last unit of the patch-based prefix (default: the lowest '
+                                                     'counted peak)')
+    p.add_argument('--calib', default='digits',
+                   help=f"calibration images: {', '.join(CALIBRATION_SETS)}, or a folder of images")
+    p.add_argument('--calib-count', type=positive_int, default=32, help='how many calibration images')
+    p.add_argument('--chunk', type=positive_int, default=DEFAULT_CHUNK,
+                   help='query rows a non-local pool\'s attention computes at a time')
+    p.add_argument('--observer', default='histogram', choices=OBSERVERS, help='calibration observer')
+    p.add_argument('--num-classes', type=positive_int, default=10, help='classes of a fresh model')
+    p.add_argument('--in-chans', type=int, default=3, choices=[1, 3], help='input channels of a fresh model')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,7 +203,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', action='store_true', help='print each profile as JSON (peak_bytes, peak_layer, steps)')
     p.add_argument('--compare', action='store_true', help='one table, each model against its stock base model')
     p.add_argument('--plot', default='', help='draw the per-layer memory curves to this PNG (matplotlib)')
+    p.add_argument('--runtime', default='', choices=['', 'tflm'],
+                   help="tflm: export each model int8 and measure the tensor arena TFLite Micro needs (the deploy "
+                        "extra), beside the tflm accounting's count")
+    _deploy_args(p, positive_int, single=False)
     p.set_defaults(func=_profile)
+    p = sub.add_parser('export', help='export a model: int8 TFLite for TFLite Micro (the deploy extra), or ONNX')
+    p.add_argument('model', nargs='?', default='', help='registered model name or architecture string')
+    p.add_argument('--checkpoint', default='', help='trained weights (model.safetensors of timm-nlp train) to export '
+                                                    'instead of a fresh model')
+    p.add_argument('--format', default='tflite', choices=['tflite', 'onnx'])
+    p.add_argument('--int8', action='store_true', help='static int8 post-training quantisation (tflite: required)')
+    p.add_argument('--img-size', type=positive_int, default=224)
+    p.add_argument('--output', required=True, help='the .tflite (or .onnx) file to write')
+    _deploy_args(p, positive_int, single=True)
+    p.set_defaults(func=_export)
     p = sub.add_parser('push', help='publish a trained model to the Hugging Face Hub (timm format)')
     p.add_argument('checkpoint', help='model.safetensors or a training checkpoint written by timm-nlp train')
     p.add_argument('--repo', required=True, help='explicit repository id, ORG/NAME')

@@ -12,9 +12,12 @@ from timm_nlp._modules import meta_copy
 from timm_nlp.layers import CompoundLayer
 from timm_nlp.layers.export_ops import ExportError
 
-__all__ = ['export_form_model', 'fold_batch_norms', 'widen_stride2_convs', 'DEFAULT_CHUNK']
+__all__ = ['export_form_model', 'fold_batch_norms', 'widen_stride2_convs', 'DEFAULT_CHUNK', 'OBSERVERS',
+           'CALIBRATION_SETS']
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 64  # query rows a non-local pool's attention computes at a time
+OBSERVERS = ('histogram', 'minmax')  # calibration observers of the int8 quantisation
+CALIBRATION_SETS = ('fashion-mnist', 'digits')  # the package's calibration images (or a folder)
 
 
 def _input_sizes(model: nn.Module, input_size: Tuple[int, int, int], kinds: Tuple[type, ...]

@@ -19,10 +19,10 @@ from .grammar import ArchSpec
 from .models import create_model
 from .tools.tables import markdown_table
 
-__all__ = ['export_for_hub', 'push', 'model_card']
+__all__ = ['export_for_hub', 'push', 'model_card', 'checkpoint_model']
 
 
-def _checkpoint_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
+def checkpoint_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model a trainer checkpoint describes (its architecture, classes and input channels), with its weights,
     and the checkpoint's record."""
     meta = checkpoint_record(checkpoint)
@@ -104,7 +104,7 @@ def export_for_hub(checkpoint: str, out_dir: str, repo_id: str) -> Path:
     """Write exactly what ``push`` uploads: config.json, model.safetensors (timm's save_for_hf) and README.md."""
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ValueError(f"--repo must be an explicit 'ORG/NAME' repository id, got '{repo_id}'.")
-    model, meta = _checkpoint_model(checkpoint)
+    model, meta = checkpoint_model(checkpoint)
     recipe = meta.get('recipe') or {}
     # the preprocessing the weights were trained with: timm's data config of the pushed model
     data_config = {k: recipe[k] for k in ('mean', 'std', 'interpolation') if recipe.get(k)}

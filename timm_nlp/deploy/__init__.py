@@ -2,6 +2,11 @@
 
 Needs the ``deploy`` extra: ``pip install 'timm-nlp[deploy]'`` (litert-torch, ai-edge-litert, tflite-micro).
 """
+import os
+import warnings
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # LiteRT's C++ start-up logs
+warnings.filterwarnings('ignore', message='.*is an Enum subclass and is now natively supported.*')
 try:
     import ai_edge_litert  # noqa: F401
     import litert_torch  # noqa: F401

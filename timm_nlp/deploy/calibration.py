@@ -9,11 +9,10 @@ from torch import nn
 
 from timm.data import create_dataset, create_transform, resolve_data_config
 
+from timm_nlp.export_model import CALIBRATION_SETS
 from timm_nlp.data import IMAGE_MODES, IMG_EXTENSIONS, ImageView, balanced_subset, dataset_targets, resolve_datasets
 
-__all__ = ['CALIBRATION_SETS', 'calibration_images']
-
-CALIBRATION_SETS = ('fashion-mnist', 'digits')
+__all__ = ['calibration_images']
 
 
 def _source(source: str, in_chans: int) -> ImageView:

@@ -27,12 +27,11 @@ from torch.fx import GraphModule, Node
 from litert_torch.quantize import pt2e_quantizer_utils
 from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 from torchao.quantization.pt2e.observer import MinMaxObserver
+from timm_nlp.export_model import OBSERVERS
 from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec)
 
-__all__ = ['FullInt8Quantizer', 'OBSERVERS']
-
-OBSERVERS = ('histogram', 'minmax')
+__all__ = ['FullInt8Quantizer']
 _WEIGHTED = {'conv2d', 'convolution', 'linear'}
 _ARITHMETIC = {
     'add', 'add_', 'sub', 'sub_', 'rsub', 'mul', 'mul_', 'div', 'div_', 'bmm', 'matmul', 'mm', 'addmm', 'sum', 'rsqrt',

@@ -6,6 +6,10 @@ high-resolution prefix patch by patch in the same graph (``timm_nlp.patch_based`
 (``litert_torch.to_channel_last_io``); ``torch.export``; PT2E quantisation (``FullInt8Quantizer``) calibrated on real
 images; litert-torch's converter; int8 inputs and outputs; the ops TFLite Micro runs in float only moved to float.
 """
+import contextlib
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -48,6 +52,34 @@ class TFLiteModel:
     def save(self, path: str) -> None:
         with open(path, 'wb') as f:
             f.write(self.flatbuffer)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The converter's progress and its libraries' logs (printed to the process's stdout and stderr) kept out of the
+    command's output, and shown only if the conversion fails."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode='w+') as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            sys.stdout.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            log.seek(0)
+            sys.stderr.write(log.read()[-4000:])
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def export_tflite(
@@ -98,8 +130,10 @@ def export_tflite(
             prepared(nhwc[i:i + 1])
     seconds['calibrate'] = time.perf_counter() - start - seconds['export']
     converted = convert_pt2e(prepared, fold_quantize=False)
-    flat = litert_torch.convert(converted, (nhwc[:1],), quant_config=QuantConfig(pt2e_quantizer=quantizer))
-    flat, _ = floatify_ops(to_int8_io(flat.model_content()))
+    with _quiet():
+        flat = litert_torch.convert(converted, (nhwc[:1],), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        flat = flat.model_content()
+    flat, _ = floatify_ops(to_int8_io(flat))
     seconds['convert'] = time.perf_counter() - start - seconds['export'] - seconds['calibrate']
     return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), islands, io_quantization(flat),
                        patches, split if patches else None, chunk, seconds)

@@ -21,7 +21,7 @@ _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_tflm_child.p
 _ALIGN = 16  # TFLite Micro aligns its buffers to 16 bytes
 
 
-class TFLMError(RuntimeError):
+class TFLMError(ValueError):
     """TFLite Micro could not build or run the model (the reason from its log)."""
 
 
