@@ -2,11 +2,11 @@
 
 Needs the ``deploy`` extra: ``pip install 'timm-nlp[deploy]'`` (litert-torch, ai-edge-litert, tflite-micro).
 """
+import logging
 import os
-import warnings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')  # LiteRT's C++ start-up logs
-warnings.filterwarnings('ignore', message='.*is an Enum subclass and is now natively supported.*')
+logging.getLogger('torch.utils._pytree').setLevel(logging.ERROR)  # a deprecation its libraries trigger on import
 try:
     import ai_edge_litert  # noqa: F401
     import litert_torch  # noqa: F401
@@ -15,6 +15,6 @@ except ImportError as e:
     raise ImportError(f"timm-nlp's deployment needs the deploy extra (missing: {e.name}): pip install "
                       "'timm-nlp[deploy]' (litert-torch, ai-edge-litert and the pre-release tflite-micro).") from None
 
-from .flatbuffer import float_ops, io_quantization, live_bytes_peak, op_census, op_list
-from .tflite import TFLiteModel, export_tflite
-from .tflm import ArenaUse, TFLMError, litert_reference, lsb_agreement, tflm_arena, tflm_run
+from .flatbuffer import float_ops, io_quantization, live_bytes_peak, op_census, op_list  # noqa: E402
+from .tflite import TFLiteModel, export_tflite  # noqa: E402
+from .tflm import ArenaUse, TFLMError, litert_reference, lsb_agreement, tflm_arena, tflm_run  # noqa: E402
