@@ -141,3 +141,39 @@ def test_a_failing_arena_never_takes_the_caller_down():
         deploy.tflm_run(exported.flatbuffer, _int8(images[:1], exported), arena=512)
     arena = deploy.tflm_arena(exported.flatbuffer)  # the search tries smaller arenas, in child processes
     assert arena.searched and arena.arena_bytes > 512
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, '-m', 'timm_nlp.cli', *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=900)
+
+
+@pytest.mark.slow
+def test_the_export_and_runtime_commands(tmp_path):
+    out = tmp_path / 'model.tflite'
+    proc = _cli('export', 'resnet18_avgp_2222', '--int8', '--img-size', 32, '--calib', 'digits', '--calib-count', 4,
+                '--observer', 'minmax', '--output', out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'fully int8' in proc.stdout and out.stat().st_size > 10 ** 6
+    x = np.zeros((1, 1, 32, 32, 3), np.int8)
+    assert deploy.tflm_run(out.read_bytes(), x).shape == (1, 1, 10)
+    proc = _cli('profile', 'resnet18_avgp_2222', '--runtime', 'tflm', '--img-size', 32, '--calib-count', 2,
+                '--observer', 'minmax', '--json')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = __import__('json').loads(proc.stdout)
+    assert row['arena_bytes'] == row['head'] + row['tail'] and row['counted_head'] == row['head']
+    assert row['float_ops'] == [] and row['flash_bytes'] > 10 ** 6
+
+
+@pytest.mark.parametrize('args, message', [
+    (['resnet18_lip_2222', '--calib', '/nonexistent'], "--calib '/nonexistent' is neither fashion-mnist nor digits"),
+    (['resnet18_lip_2222', '--no-int8'], '--format tflite exports static int8 models for TFLite Micro: add --int8'),
+    (['resnet18_dfmnlp_2222'], "'layer1.pool' (WeightedPool2d) cannot be exported exactly"),
+    (['resnet18_lip_2222', '--format', 'onnx', '--patches', '2'], '--int8 and --patches apply to --format tflite'),
+])
+def test_export_errors_are_one_line(args, message, tmp_path):
+    args = [a for a in args if a != '--no-int8'] + (['--int8'] if '--no-int8' not in args and 'onnx' not in args
+                                                      else [])
+    proc = _cli('export', *args, '--img-size', 32, '--output', tmp_path / 'x.tflite')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith('timm-nlp export: error: ') and message in proc.stderr
