@@ -24,7 +24,12 @@ __all__ = ['export_for_hub', 'push', 'model_card', 'checkpoint_model']
 
 def checkpoint_model(checkpoint: str) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model a trainer checkpoint describes (its architecture, classes and input channels), with its weights,
-    and the checkpoint's record."""
+    and the checkpoint's record (``in_chans`` and ``num_classes`` filled in).
+
+    Args:
+        checkpoint: A run's ``model.safetensors`` or training checkpoint (``last.pth.tar``, ...); one that lacks
+            tensors of its model, or holds others, is refused with them named.
+    """
     meta = checkpoint_record(checkpoint)
     if not meta.get('architecture'):
         raise CheckpointError(f"'{checkpoint}' has no timm-nlp record (architecture, classes); push a "
