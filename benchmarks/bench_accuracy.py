@@ -315,8 +315,8 @@ def main() -> None:
             r = run_one(arch, seed, args.preset, cfg, run_dir, args.data_dir, args.device, workers)
             with open(results_path, 'a') as f:
                 f.write(json.dumps(r) + '\n')
-            if not args.keep_checkpoints:  # recorded: its summary.csv stays, its checkpoints (~400 MB) go
-                for name in glob.glob(os.path.join(run_dir, '*.safetensors')):
+            if not args.keep_checkpoints:  # recorded: its summary.csv and model.safetensors stay, its training
+                for name in glob.glob(os.path.join(run_dir, '*.pth.tar')):  # checkpoints (~400 MB) go
                     os.remove(name)
             runs.append(r)
             bar.update()

@@ -258,7 +258,7 @@ def test_trainer_learns_digits_on_cuda(tmp_path):
         rows = list(csv.DictReader(f))
     # 10 balanced classes: chance is 10%; the CPU run of the same command (test_train.py) passes the same bar
     assert [int(r['epoch']) for r in rows] == [0, 1, 2] and float(rows[-1]['eval_top1']) > 80., rows
-    assert load_training_checkpoint(str(out / 'last.safetensors'))['epoch'] == 2
+    assert load_training_checkpoint(str(out / 'last.pth.tar'))['epoch'] == 2
 
 
 def _compiled(module: nn.Module) -> Callable:
