@@ -26,9 +26,10 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from timm_nlp.export_model import export_form_model
 from timm_nlp.models import create_model
 from timm_nlp.patching import lowest_patched_profile, patched_macs, patched_profile
-from timm_nlp.profiler import activation_profile, count_macs
+from timm_nlp.profiler import activation_profile, count_macs, tflm_profile
 from timm_nlp.tools.tables import markdown_table
 
 STOCK = 'mobilenetv2_100'
@@ -76,7 +77,7 @@ def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str
     mcunet = (patched_profile(meta, input_size, patches, split, dtype='int8') if patches else
               activation_profile(meta, input_size, dtype='int8', accounting='mcunet')).peak_bytes
     tflm = (patched_profile(meta, input_size, patches, split, dtype='int8', accounting='tflm') if patches else
-            activation_profile(meta, input_size, dtype='int8', accounting='tflm')).peak_bytes
+            tflm_profile(export_form_model(meta, input_size, widen=widen), input_size)).peak_bytes
     row = dict(model=name, size=size, patches=patches, split=split, widened=widen,
                params=sum(p.numel() for p in meta.parameters()), macs=count_macs(meta, input_size),
                patched_macs=patched_macs(meta, input_size, patches, split) if patches else None,

@@ -311,7 +311,9 @@ class PatchBased(nn.Module):
         for (o0, o1, p0, p1), (a0, a1, b0, b1) in plan.patches():
             for m in stand_ins:
                 m.origin = (a0, b0)
-            out = run(x[:, :, a0:a1, b0:b1])
+            # the crop sliced columns first: a graph compiler that merges common subexpressions (TFLite's) would
+            # otherwise keep every patch's first-pass maps alive for the second pass instead of recomputing them
+            out = run(x[:, :, :, b0:b1][:, :, a0:a1])
             if capture is not None:
                 if capture.seen is not out:
                     raise ValueError(f"'{tp.name}' is not the last step of the module that holds it: it cannot be run "

@@ -281,8 +281,9 @@ _TFLM_PADDED = {'convolution': 4, 'max_pool2d_with_indices': 3, 'avg_pool2d': 3}
 
 class _TFLMTrace(TorchDispatchMode):
     """Records every aten op of a forward on the meta device as the TFLite graph has it: its input and output
-    buffers (a view or fused op is its input's buffer; a slice is one buffer per distinct slice; what no activation
-    flows into, the weights among them, is a constant), with the module it ran in."""
+    buffers (a view or fused op is its input's buffer; an op on the same inputs as an earlier one is that one, as the
+    converter merges common subexpressions: a row of patches' shared slice, a patch's prefix in both passes; what no
+    activation flows into, the weights among them, is a constant), with the module it ran in."""
 
     def __init__(self, itemsize: int):
         super().__init__()
@@ -291,7 +292,7 @@ class _TFLMTrace(TorchDispatchMode):
         self.alive: List[torch.Tensor] = []  # every tensor seen, so that no id is reused
         self.sizes: List[int] = []
         self.ops: List[Tuple[str, str, List[int], List[int], Tuple[int, ...]]] = []
-        self.slices: Dict[tuple, int] = {}
+        self.computed: Dict[tuple, List[int]] = {}
         self.module = ['']
         self.island = 0
 
@@ -323,6 +324,15 @@ class _TFLMTrace(TorchDispatchMode):
         self.name(t, len(self.sizes) - 1)
         return len(self.sizes) - 1
 
+    def signature(self, a):
+        """An argument as the converter tells ops apart: an activation by its buffer, any other tensor (a weight) by
+        itself, lists by their items."""
+        if isinstance(a, torch.Tensor):
+            return ('buffer', self.buffer[id(a)]) if id(a) in self.buffer else ('tensor', id(a))
+        if isinstance(a, (list, tuple)):
+            return tuple(self.signature(v) for v in a)
+        return a
+
     def name(self, t: torch.Tensor, buffer: int) -> None:
         self.buffer[id(t)] = buffer
         self.alive.append(t)
@@ -339,6 +349,11 @@ class _TFLMTrace(TorchDispatchMode):
             for t in outs:
                 self.name(t, ins[0])
             return out
+        key = (name,) + tuple(self.signature(a) for a in list(args) + sorted((kwargs or {}).items()))
+        if key in self.computed:  # the converter computes an op of the same inputs once (common subexpressions)
+            for t, b in zip(outs, self.computed[key]):
+                self.name(t, b)
+            return out
         if name in _TFLM_PADDED and self.explicit_pad(name, args):
             # TFLite's SAME padding puts the odd pixel after, PyTorch's before: a PAD op copies the input first
             pad = args[_TFLM_PADDED[name]]
@@ -351,15 +366,8 @@ class _TFLMTrace(TorchDispatchMode):
         if name == 'slice' and tuple(outs[0].shape) == tuple(args[0].shape):  # a whole axis: the tensor itself
             self.name(outs[0], ins[0])
             return out
-        if name == 'slice':
-            key = (ins[0],) + tuple(a for a in args[1:] if isinstance(a, int))
-            if key in self.slices:
-                self.name(outs[0], self.slices[key])
-                return out
-            self.slices[key] = self.new_buffer(outs[0], itemsize)
-            made = [self.slices[key]]
-        else:
-            made = [self.new_buffer(t, itemsize) for t in outs]
+        made = [self.new_buffer(t, itemsize) for t in outs]
+        self.computed[key] = made
         self.ops.append((self.module[-1], name, ins, made, tuple(outs[0].shape) if outs else ()))
         return out
 
