@@ -295,6 +295,8 @@ class _TFLMTrace(TorchDispatchMode):
         self.computed: Dict[tuple, List[int]] = {}
         self.module = ['']
         self.island = 0
+        self.island_made: set = set()  # buffers the current float island computed
+        self.dequantized: Dict[int, int] = {}  # int8 buffer -> its float copy in the current island
 
     @staticmethod
     def explicit_pad(name: str, args: tuple) -> bool:
@@ -333,6 +335,34 @@ class _TFLMTrace(TorchDispatchMode):
             return tuple(self.signature(v) for v in a)
         return a
 
+    def float_copy(self, t: torch.Tensor) -> int:
+        """The buffer a float island reads ``t`` from: its own, or the DEQUANTIZE copy of an int8 input (4 bytes an
+        element, one per island run)."""
+        b = self.buffer[id(t)]
+        if b in self.island_made:
+            return b
+        if b not in self.dequantized:
+            self.sizes.append(-(-t.numel() * 4 // _TFLM_ALIGN) * _TFLM_ALIGN)
+            self.dequantized[b] = len(self.sizes) - 1
+            self.ops.append((self.module[-1], 'dequantize', [b], [self.dequantized[b]], tuple(t.shape)))
+        return self.dequantized[b]
+
+    def enter_island(self) -> None:
+        if not self.island:
+            self.island_made, self.dequantized = set(), {}
+        self.island += 1
+
+    def leave_island(self, output) -> None:
+        """An island's outputs are QUANTIZEd back to int8 copies, which the ops after it read."""
+        self.island -= 1
+        if self.island:
+            return
+        for t in _tensors(output):
+            if id(t) in self.buffer:
+                source = self.buffer[id(t)]
+                copy = self.new_buffer(t, self.itemsize)
+                self.ops.append((self.module[-1], 'quantize', [source], [copy], tuple(t.shape)))
+
     def name(self, t: torch.Tensor, buffer: int) -> None:
         self.buffer[id(t)] = buffer
         self.alive.append(t)
@@ -340,7 +370,8 @@ class _TFLMTrace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        ins = [self.buffer[id(t)] for t in _tensors(list(args)) if id(t) in self.buffer]
+        inputs = [t for t in _tensors(list(args)) if id(t) in self.buffer]
+        ins = [self.float_copy(t) if self.island else self.buffer[id(t)] for t in inputs]
         outs = [t for t in _tensors(out) if t.dtype.is_floating_point]
         if not ins:  # computed from constants only: a constant
             return out
@@ -368,6 +399,8 @@ class _TFLMTrace(TorchDispatchMode):
             return out
         made = [self.new_buffer(t, itemsize) for t in outs]
         self.computed[key] = made
+        if self.island:
+            self.island_made.update(made)
         self.ops.append((self.module[-1], name, ins, made, tuple(outs[0].shape) if outs else ()))
         return out
 
@@ -375,7 +408,8 @@ class _TFLMTrace(TorchDispatchMode):
 def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: int = 1) -> 'ActivationProfile':
     """The ops of ``model`` (on the meta device) as TensorFlow Lite Micro plans them: a buffer per op output (views,
     fused activations and folded norms none of their own), the input's from the start, each until its last reader,
-    the output's to the end, each aligned to 16 bytes; ops inside a ``FloatIsland`` in float (4 bytes). A step per op
+    the output's to the end, each aligned to 16 bytes; ops inside a ``FloatIsland`` in float (4 bytes), reading
+    dequantised copies of their int8 inputs and giving quantised copies of their outputs. A step per op
     holds every live buffer, so the peak is the least arena head any planner needs (which TFLite Micro's greedy planner
     reaches on these graphs)."""
     meta = meta_copy(model)
@@ -384,11 +418,13 @@ def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: i
 
     def enter(m: nn.Module, inputs: tuple) -> None:
         trace.module.append(names.get(m, trace.module[-1]))  # a view (patch-based execution) is its module
-        trace.island += isinstance(m, FloatIsland)
+        if isinstance(m, FloatIsland):
+            trace.enter_island()
 
     def leave(m: nn.Module, inputs: tuple, output) -> None:
         trace.module.pop()
-        trace.island -= isinstance(m, FloatIsland)
+        if isinstance(m, FloatIsland):
+            trace.leave_island(output)
     hooks = [h for m in meta.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     x = torch.empty(1, *input_size, device='meta')
     trace.new_buffer(x, itemsize)
