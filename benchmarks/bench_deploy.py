@@ -2,6 +2,7 @@
 
     python benchmarks/bench_deploy.py memory [--sizes 128 224] [--results FILE.jsonl]
     python benchmarks/bench_deploy.py accuracy [--img-size 32] [--epochs 2] [--results FILE.jsonl]
+    python benchmarks/bench_deploy.py patches [--model NAME --patches 4 --split blocks.0 --img-size 224]
 
 ``memory``: per network and input size, exported int8 (``timm_nlp.deploy.export_tflite``, calibrated on Fashion-MNIST
 images) whole-map and patch-based: params, MACs (of the patch schedule too), flash (the .tflite's bytes), the counted
@@ -14,6 +15,9 @@ pools at 224 px: thousands of attention chunks) show their ``tflm`` count only.
 then exported int8 with histogram calibration on 64 training images; the top-1 on the 10,000 test images of the float
 model (PyTorch) and of the int8 model as TFLite Micro computes it, whose outputs are checked against LiteRT's reference
 kernels on the first 200 images.
+
+``patches``: a network trained at 224 px, exported int8 whole-map and patch-based: the predictions of the two in
+TFLite Micro on the first test images, and their arenas.
 
 Each result is appended to the JSONL file as it is made (a rerun skips what it holds); the table is printed from it.
 """
@@ -28,27 +32,27 @@ import torch
 
 from timm_nlp.export_model import export_form_model
 from timm_nlp.models import create_model
-from timm_nlp.patching import lowest_patched_profile, patched_macs, patched_profile
+from timm_nlp.patching import PatchBased, lowest_patched_profile, patched_macs, patched_profile
 from timm_nlp.profiler import activation_profile, count_macs, tflm_profile
 from timm_nlp.tools.tables import markdown_table
 
 STOCK = 'mobilenetv2_100'
-# (model, patches, split, convert at 224): whole-map and patch-based, stock and the paper's grammar
+# (model, patches, split, attention chunk, convert at 224): whole-map and patch-based, stock and the paper's grammar
 MEMORY = [
-    ('mobilenetv2_100', None, None, True),
-    ('resnet18', None, None, True),
-    ('mobilenetv2_100', 4, None, True),
-    ('prepool-maxp-4-mobilenet_v2-skip-1222121', None, None, True),
-    ('prepool-maxp-4-mobilenet_v2-skip-1222121', 8, None, True),
-    ('prepool-skip-4-mobilenet_v2-skip-1222121', None, None, True),
-    ('mobilenet_v2-maxp-4222121', None, None, True),
-    ('mobilenet_v2-maxp-4222121', 4, None, True),
-    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, True),
-    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 2, None, True),
-    ('mobilenet_v2-nlp_headfix2-2222121', None, None, False),
+    ('mobilenetv2_100', None, None, 64, True),
+    ('resnet18', None, None, 64, True),
+    ('mobilenetv2_100', 4, None, 64, True),
+    ('prepool-maxp-4-mobilenet_v2-skip-1222121', None, None, 64, True),
+    ('prepool-maxp-4-mobilenet_v2-skip-1222121', 8, None, 64, True),
+    ('prepool-skip-4-mobilenet_v2-skip-1222121', None, None, 64, True),
+    ('mobilenet_v2-maxp-4222121', None, None, 64, True),
+    ('mobilenet_v2-maxp-4222121', 4, None, 64, True),
+    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, 64, True),
+    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 4, 'blocks.0', 32, True),
+    ('mobilenet_v2-nlp_headfix2-2222121', None, None, 64, False),
 ]
 ACCURACY = ['resnet18', 'mobilenetv2_100', 'prepool-maxp-2-resnet18-skip-1222', 'resnet18_lip_2222',
-            'resnet18_nlp_headfix2_2222', 'mobilenet_v2-nlp_headfix2_nowin_reduced-2222121']
+            'resnet18_nlp_headfix2_2222']
 KiB = 1024
 
 
@@ -65,7 +69,7 @@ def _append(path: str, row: dict) -> None:
         f.write(json.dumps(row) + '\n')
 
 
-def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str], convert: bool,
+def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str], chunk: int, convert: bool,
                widen: bool = True) -> dict:
     """One network at one size: counts, and (``convert``) its export and TFLite Micro's arena."""
     from timm_nlp.deploy import export_tflite, tflm_arena
@@ -76,19 +80,21 @@ def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str
         split = lowest_patched_profile(meta, input_size, patches, dtype='int8', accounting='tflm')[0]
     mcunet = (patched_profile(meta, input_size, patches, split, dtype='int8') if patches else
               activation_profile(meta, input_size, dtype='int8', accounting='mcunet')).peak_bytes
-    tflm = (patched_profile(meta, input_size, patches, split, dtype='int8', accounting='tflm') if patches else
-            tflm_profile(export_form_model(meta, input_size, widen=widen), input_size)).peak_bytes
-    row = dict(model=name, size=size, patches=patches, split=split, widened=widen,
+    deployed = export_form_model(meta, input_size, chunk, widen)  # what is exported, counted as TFLite Micro plans
+    if patches:
+        deployed = PatchBased(deployed, patches, split)
+        deployed.plan(input_size)
+    row = dict(model=name, size=size, patches=patches, split=split, chunk=chunk, widened=widen,
                params=sum(p.numel() for p in meta.parameters()), macs=count_macs(meta, input_size),
                patched_macs=patched_macs(meta, input_size, patches, split) if patches else None,
-               mcunet_bytes=mcunet, tflm_count_bytes=tflm)
+               mcunet_bytes=mcunet, tflm_count_bytes=tflm_profile(deployed, input_size).peak_bytes)
     if not convert:
         return row
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).eval()
     start = time.perf_counter()
     exported = export_tflite(model, calibration_images('fashion-mnist', model, input_size, 8), patches=patches,
-                             split=split, widen=widen, observer='minmax')
+                             split=split, chunk=chunk, widen=widen, observer='minmax')
     seconds = time.perf_counter() - start
     arena = tflm_arena(exported.flatbuffer)
     return dict(row, flash_bytes=len(exported.flatbuffer), arena_bytes=arena.arena_bytes, head=arena.head,
@@ -97,13 +103,13 @@ def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str
 
 
 def run_memory(args: argparse.Namespace) -> None:
-    done = {(r['model'], r['size'], r['patches'], r['widened']) for r in _load(args.results)}
+    done = {(r['model'], r['size'], r['patches'], r['chunk'], r['widened']) for r in _load(args.results)}
     for size in args.sizes:
-        todo = [(STOCK, None, None, True, False)] + [spec + (True,) for spec in MEMORY]
-        for name, patches, split, convert, widen in todo:
-            if (name, size, patches, widen) in done:
+        todo = [(STOCK, None, None, 64, True, False)] + [spec + (True,) for spec in MEMORY]
+        for name, patches, split, chunk, convert, widen in todo:
+            if (name, size, patches, chunk, widen) in done:
                 continue
-            row = memory_row(name, size, patches, split, convert or size < 224, widen)
+            row = memory_row(name, size, patches, split, chunk, convert or size < 224, widen)
             _append(args.results, row)
             print(json.dumps(row), flush=True)
     print_memory(args.results)
@@ -117,6 +123,8 @@ def print_memory(path: str) -> None:
         table = []
         for r in at:
             execution = f"{r['patches']}x{r['patches']} patches to {r['split']}" if r['patches'] else 'whole map'
+            if r['chunk'] != 64 and 'nlp' in r['model']:
+                execution += f", attention in chunks of {r['chunk']}"
             if not r['widened']:
                 execution += ', PyTorch padding (PAD ops)'
             arena = r.get('arena_bytes')
@@ -134,45 +142,78 @@ def print_memory(path: str) -> None:
                               'head / tail (KiB)', 'arena vs stock', 'float ops', 'convert (s)'], table))
 
 
+def _trained(name: str, args: argparse.Namespace):
+    """``name`` trained on Fashion-MNIST by the package's trainer (``args``: img_size, epochs, train_subset,
+    work_dir), its input size and the training seconds."""
+    from timm_nlp.hub import checkpoint_model
+    from timm_nlp.trainer import add_train_args, train
+    subset = ['--train-subset', str(args.train_subset)] if args.train_subset else []
+    train_args = add_train_args(argparse.ArgumentParser()).parse_args([
+        '--model', name, '--dataset', 'fashion-mnist', '--img-size', str(args.img_size), '--epochs', str(args.epochs),
+        '--output', os.path.join(args.work_dir, f'{name}_{args.img_size}'), '--no-progress'] + subset)
+    start = time.perf_counter()
+    result = train(train_args)
+    seconds = time.perf_counter() - start
+    model, meta = checkpoint_model(result['weights'])
+    return model, (meta['in_chans'], args.img_size, args.img_size), seconds
+
+
+def _int8_inputs(x: torch.Tensor, exported) -> np.ndarray:
+    _, _, scale, zero = exported.io['inputs'][0]
+    return np.clip(np.round(x.permute(0, 2, 3, 1).numpy() / scale) + zero, -128, 127).astype(np.int8)[:, None]
+
+
+def _tflm_top1(exported, test: List[tuple]) -> np.ndarray:
+    """TFLite Micro's predicted class of every test image."""
+    from timm_nlp.deploy import tflm_run
+    return np.concatenate([tflm_run(exported.flatbuffer, _int8_inputs(x, exported)).reshape(len(x), -1).argmax(1)
+                           for x, _ in test])
+
+
 def accuracy_row(name: str, args: argparse.Namespace) -> dict:
     """Train ``name`` on Fashion-MNIST, export it int8, and evaluate both on the test set."""
     from timm_nlp.deploy import export_tflite, litert_reference, lsb_agreement, tflm_run
     from timm_nlp.deploy.calibration import calibration_images
-    from timm_nlp.hub import checkpoint_model
-    from timm_nlp.trainer import add_train_args, train
-    output = os.path.join(args.work_dir, name)
-    subset = ['--train-subset', str(args.train_subset)] if args.train_subset else []
-    train_args = add_train_args(argparse.ArgumentParser()).parse_args([
-        '--model', name, '--dataset', 'fashion-mnist', '--img-size', str(args.img_size), '--epochs', str(args.epochs),
-        '--output', output, '--no-progress'] + subset)
-    start = time.perf_counter()
-    result = train(train_args)
-    train_s = time.perf_counter() - start
-    model, meta = checkpoint_model(result['weights'])
-    size = (meta['in_chans'], args.img_size, args.img_size)
+    model, size, train_s = _trained(name, args)
     exported = export_tflite(model, calibration_images('fashion-mnist', model, size, 64))
     test = _test_images(model, size)
+    labels = np.concatenate([y.numpy() for _, y in test])
     with torch.no_grad():
-        float_top1 = float(np.mean([(model(x).argmax(1) == y).float().mean().item() for x, y in test]))
-    _, _, scale, zero = exported.io['inputs'][0]
-    outs, labels = [], []
-    for x, y in test:
-        q = np.clip(np.round(x.permute(0, 2, 3, 1).numpy() / scale) + zero, -128, 127).astype(np.int8)[:, None]
-        outs.append(tflm_run(exported.flatbuffer, q))
-        labels.append(y.numpy())
-    out, labels = np.concatenate(outs), np.concatenate(labels)
-    x0 = test[0][0][:200]
-    q0 = np.clip(np.round(x0.permute(0, 2, 3, 1).numpy() / scale) + zero, -128, 127).astype(np.int8)[:, None]
-    agree, worst = lsb_agreement(out[:len(q0)], litert_reference(exported.flatbuffer, q0))
+        float_pred = np.concatenate([model(x).argmax(1).numpy() for x, _ in test])
+    int8_pred = _tflm_top1(exported, test)
+    q0 = _int8_inputs(test[0][0][:200], exported)
+    agree, worst = lsb_agreement(tflm_run(exported.flatbuffer, q0), litert_reference(exported.flatbuffer, q0))
     return dict(model=name, img_size=args.img_size, epochs=args.epochs, train_subset=args.train_subset,
-                float_top1=100 * float_top1, int8_top1=100 * float((out.reshape(len(out), -1).argmax(1) ==
-                                                                    labels).mean()),
-                tflm_vs_reference_1lsb=agree, max_lsb=worst, float_ops=sorted(set(exported.float_ops)),
-                train_s=round(train_s))
+                float_top1=100 * float((float_pred == labels).mean()),
+                int8_top1=100 * float((int8_pred == labels).mean()), tflm_vs_reference_1lsb=agree, max_lsb=worst,
+                float_ops=sorted(set(exported.float_ops)), train_s=round(train_s))
 
 
-def _test_images(model: torch.nn.Module, size: tuple) -> List[tuple]:
-    """The 10,000 Fashion-MNIST test images in batches of 500, as the model's evaluation transform prepares them."""
+def patches_row(name: str, patches: int, split: str, chunk: int, args: argparse.Namespace) -> dict:
+    """Train ``name``, export it int8 whole-map and patch-based, and compare their predictions (TFLite Micro) on the
+    first ``args.test_images`` test images."""
+    from timm_nlp.deploy import export_tflite, tflm_arena
+    from timm_nlp.deploy.calibration import calibration_images
+    model, size, train_s = _trained(name, args)
+    calib = calibration_images('fashion-mnist', model, size, 64)
+    whole = export_tflite(model, calib, chunk=chunk)
+    patched = export_tflite(model, calib, patches=patches, split=split, chunk=chunk)
+    test = _test_images(model, size, args.test_images)
+    labels = np.concatenate([y.numpy() for _, y in test])
+    with torch.no_grad():
+        float_pred = np.concatenate([model(x).argmax(1).numpy() for x, _ in test])
+    a, b = _tflm_top1(whole, test), _tflm_top1(patched, test)
+    return dict(model=name, img_size=args.img_size, patches=patches, split=split, chunk=chunk, epochs=args.epochs,
+                train_subset=args.train_subset, test_images=len(labels), float_top1=100 * float((float_pred ==
+                                                                                                labels).mean()),
+                whole_int8_top1=100 * float((a == labels).mean()), patched_int8_top1=100 * float((b == labels).mean()),
+                agreement=100 * float((a == b).mean()), whole_arena=tflm_arena(whole.flatbuffer).arena_bytes,
+                patched_arena=tflm_arena(patched.flatbuffer).arena_bytes, train_s=round(train_s))
+
+
+def _test_images(model: torch.nn.Module, size: tuple, count: int = 10000) -> List[tuple]:
+    """The first ``count`` Fashion-MNIST test images in batches of 500, as the model's evaluation transform prepares
+    them."""
     from timm.data import create_transform, resolve_data_config
     from timm_nlp.data import IMAGE_MODES, ImageView, default_fashion_mnist_dir, fashion_mnist
     view = ImageView(fashion_mnist(default_fashion_mnist_dir(), 'test'), IMAGE_MODES[size[0]])
@@ -182,8 +223,8 @@ def _test_images(model: torch.nn.Module, size: tuple) -> List[tuple]:
             cfg[key] = (sum(cfg[key]) / len(cfg[key]),) * size[0]
     view.transform = create_transform(**cfg, is_training=False)
     batches = []
-    for start in range(0, len(view), 500):
-        items = [view[i] for i in range(start, min(start + 500, len(view)))]
+    for start in range(0, min(count, len(view)), 500):
+        items = [view[i] for i in range(start, min(start + 500, count, len(view)))]
         batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
     return batches
 
@@ -205,6 +246,22 @@ def run_accuracy(args: argparse.Namespace) -> None:
                            f"(max {r['max_lsb']})", ', '.join(r['float_ops']) or '-'] for r in rows]))
 
 
+def run_patches(args: argparse.Namespace) -> None:
+    done = {(r['model'], r['img_size'], r['patches']) for r in _load(args.results)}
+    if (args.model, args.img_size, args.patches) not in done:
+        row = patches_row(args.model, args.patches, args.split, args.chunk, args)
+        _append(args.results, row)
+        print(json.dumps(row), flush=True)
+    rows = _load(args.results)
+    print('\nWhole-map against patch-based int8 (TFLite Micro) on the first Fashion-MNIST test images\n')
+    print(markdown_table(['model', 'size', 'patches', 'test images', 'float top-1 (%)', 'whole-map int8 (%)',
+                          'patch-based int8 (%)', 'same prediction (%)', 'arena whole / patches (KiB)'],
+                         [[r['model'], r['img_size'], f"{r['patches']}x{r['patches']} to {r['split']}",
+                           r['test_images'], f"{r['float_top1']:.2f}", f"{r['whole_int8_top1']:.2f}",
+                           f"{r['patched_int8_top1']:.2f}", f"{r['agreement']:.2f}",
+                           f"{r['whole_arena'] / KiB:.0f} / {r['patched_arena'] / KiB:.0f}"] for r in rows]))
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='part', required=True)
@@ -219,12 +276,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--train-subset', type=int, default=None)
     p.add_argument('--work-dir', default='output/bench_deploy/train')
     p.add_argument('--results', default='output/bench_deploy/accuracy.jsonl')
+    p = sub.add_parser('patches', help='a trained network whole-map and patch-based: the same predictions?')
+    p.add_argument('--model', default='mobilenet_v2-maxp-4222121')
+    p.add_argument('--patches', type=int, default=4)
+    p.add_argument('--split', default='blocks.0')
+    p.add_argument('--chunk', type=int, default=64)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--train-subset', type=int, default=10000)
+    p.add_argument('--test-images', type=int, default=1000)
+    p.add_argument('--work-dir', default='output/bench_deploy/train')
+    p.add_argument('--results', default='output/bench_deploy/patches.jsonl')
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.part == 'memory':
         print_memory(args.results) if args.print_only else run_memory(args)
-    else:
+    elif args.part == 'accuracy':
         run_accuracy(args)
+    else:
+        run_patches(args)
 
 
 if __name__ == '__main__':
