@@ -2,23 +2,12 @@
 runs; layers without an exact one say why."""
 import pytest
 import torch
-from torch import nn
+from reference import randomize_norms
 
 import timm_nlp
 from timm_nlp.layers import create_pool2d
 from timm_nlp.layers.export_ops import ExportError, FloatIsland, nearest_up, tree_cat
 from timm_nlp.layers.self_attn_pool import ChunkedAttention, upsample_nearest
-
-
-def _random_bn(model: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(1 + 0.3 * torch.randn(m.num_features, generator=g))
-            m.bias.data.copy_(0.3 * torch.randn(m.num_features, generator=g))
-    return model.eval()
 
 
 POOLS = [
@@ -33,7 +22,9 @@ POOLS = [
 
 @pytest.mark.parametrize('name, size, stride, kwargs', POOLS)
 def test_export_forms_compute_the_layers(name, size, stride, kwargs):
-    pool = _random_bn(create_pool2d(name, 8, stride, **kwargs)).double()
+    pool = create_pool2d(name, 8, stride, **kwargs).eval()
+    randomize_norms(pool)
+    pool = pool.double()
     x = torch.randn(1, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = pool(x)

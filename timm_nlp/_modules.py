@@ -6,7 +6,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-__all__ = ['meta_copy', 'model_units', 'Units', 'substituted']
+__all__ = ['meta_copy', 'model_units', 'Units', 'substituted', 'has_submodule']
 
 
 def meta_copy(module: nn.Module, drop_hooks: bool = False) -> nn.Module:
@@ -28,7 +28,8 @@ def meta_copy(module: nn.Module, drop_hooks: bool = False) -> nn.Module:
     return meta
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def has_submodule(model: nn.Module, name: str) -> bool:
+    """Whether ``model`` has a submodule at the dotted path ``name``."""
     try:
         model.get_submodule(name)
     except AttributeError:
@@ -46,7 +47,7 @@ def model_units(model: nn.Module) -> List[str]:
     else:
         raise TypeError(f'patch-based execution takes timm ResNet and EfficientNet/MobileNetV2 models, not '
                         f'{type(model).__name__}.')
-    return [n for n in names if _has(model, n)]
+    return [n for n in names if has_submodule(model, n)]
 
 
 class Units(nn.Module):

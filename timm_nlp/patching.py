@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._modules import Units, meta_copy, model_units, substituted
+from ._modules import Units, has_submodule, meta_copy, model_units, substituted
 from .layers.export_ops import tree_cat
 from .layers.protocol import CompoundLayer, PoolLayer, ShapeOnly
 from .export_model import export_form_model
@@ -289,7 +289,7 @@ class PatchBased(nn.Module):
             for tp in plan.two_pass:
                 until, path = _until(self.prefix, tp.name)
                 capture = _Capture() if path is not None else None
-                replace: Dict[str, nn.Module] = {n: m for n, m in stand_ins.items() if _has_path(until, n)}
+                replace: Dict[str, nn.Module] = {n: m for n, m in stand_ins.items() if has_submodule(until, n)}
                 if path is not None:
                     replace[path] = capture
                 first.append((substituted(until, replace), capture))
@@ -350,14 +350,6 @@ class PatchBased(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.forward_features(x))
-
-
-def _has_path(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def patched_profile(
