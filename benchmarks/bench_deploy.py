@@ -102,6 +102,16 @@ def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str
                 convert_s=round(seconds, 1))
 
 
+def recount(path: str) -> None:
+    """The counted columns of every recorded row recomputed with this version's accountings (instant)."""
+    rows = _load(path)
+    for r in rows:
+        counted = memory_row(r['model'], r['size'], r['patches'], r['split'], r['chunk'], False, r['widened'])
+        r.update(mcunet_bytes=counted['mcunet_bytes'], tflm_count_bytes=counted['tflm_count_bytes'])
+    with open(path, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in rows)
+
+
 def run_memory(args: argparse.Namespace) -> None:
     done = {(r['model'], r['size'], r['patches'], r['chunk'], r['widened']) for r in _load(args.results)}
     for size in args.sizes:
@@ -269,6 +279,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--sizes', type=int, nargs='+', default=[128, 224])
     p.add_argument('--results', default='output/bench_deploy/memory.jsonl')
     p.add_argument('--print-only', action='store_true')
+    p.add_argument('--recount', action='store_true',
+                   help="recompute the counted columns of the recorded rows (no conversion), then print")
     p = sub.add_parser('accuracy', help='float vs int8 top-1 of networks trained on Fashion-MNIST')
     p.add_argument('--models', nargs='+', default=ACCURACY)
     p.add_argument('--img-size', type=int, default=32)
@@ -289,8 +301,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--results', default='output/bench_deploy/patches.jsonl')
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.part == 'memory' and args.recount:
+        recount(args.results)
     if args.part == 'memory':
-        print_memory(args.results) if args.print_only else run_memory(args)
+        print_memory(args.results) if args.print_only or args.recount else run_memory(args)
     elif args.part == 'accuracy':
         run_accuracy(args)
     else:

@@ -16,7 +16,7 @@ import timm_nlp
 from timm_nlp.export_model import export_form_model
 from timm_nlp.layers.export_ops import ExportError
 from timm_nlp.patching import patched_profile
-from timm_nlp.profiler import activation_profile
+from timm_nlp.profiler import activation_profile, tflm_profile
 
 deploy = pytest.importorskip('timm_nlp.deploy', reason="needs the deploy extra: pip install 'timm-nlp[deploy]'")
 from timm_nlp.deploy.calibration import calibration_images  # noqa: E402
@@ -113,6 +113,8 @@ def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
     arena = deploy.tflm_arena(exported.flatbuffer, search=False)
     assert arena.head < 576 * 576 * 4  # no 576 x 576 score matrix
     form = export_form_model(model, (3, 96, 96), chunk=100)  # batch 1, as it is deployed
+    counted = tflm_profile(form, (3, 96, 96)).peak_bytes  # the float islands and their dequantised inputs
+    assert abs(counted - arena.head) <= 0.05 * arena.head, (counted, arena.head)
     with torch.no_grad():
         assert torch.allclose(form(images[:1]), model(images[:1]), atol=1e-4)
 
@@ -141,6 +143,7 @@ def test_a_failing_arena_never_takes_the_caller_down():
         deploy.tflm_run(exported.flatbuffer, _int8(images[:1], exported), arena=512)
     arena = deploy.tflm_arena(exported.flatbuffer)  # the search tries smaller arenas, in child processes
     assert arena.searched and arena.arena_bytes > 512
+    assert activation_profile(model, (3, 32, 32), dtype='int8', accounting='tflm').peak_bytes == arena.head
 
 
 def _cli(*args):

@@ -347,10 +347,16 @@ class _TFLMTrace(TorchDispatchMode):
             self.ops.append((self.module[-1], 'dequantize', [b], [self.dequantized[b]], tuple(t.shape)))
         return self.dequantized[b]
 
-    def enter_island(self) -> None:
+    def enter_island(self, inputs: tuple) -> None:
+        """A float island dequantises its inputs before its first op."""
         if not self.island:
             self.island_made, self.dequantized = set(), {}
-        self.island += 1
+            self.island += 1
+            for t in _tensors(inputs):
+                if id(t) in self.buffer:
+                    self.float_copy(t)
+        else:
+            self.island += 1
 
     def leave_island(self, output) -> None:
         """An island's outputs are QUANTIZEd back to int8 copies, which the ops after it read."""
@@ -419,7 +425,7 @@ def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: i
     def enter(m: nn.Module, inputs: tuple) -> None:
         trace.module.append(names.get(m, trace.module[-1]))  # a view (patch-based execution) is its module
         if isinstance(m, FloatIsland):
-            trace.enter_island()
+            trace.enter_island(inputs)
 
     def leave(m: nn.Module, inputs: tuple, output) -> None:
         trace.module.pop()
