@@ -72,6 +72,7 @@ COLUMNS = [
     Column('peak int8 (KiB)', lambda r: f"{r.peak_kib('int8', 'mcunet'):.1f}"),
     Column(f'int8, {PATCHES}x{PATCHES} patches (KiB)',
            lambda r: f'{kib:.1f}' if (kib := r.patched_int8_kib()) is not None else '-'),
+    Column('TFLite Micro head, counted (KiB)', lambda r: f"{r.peak_kib('int8', 'tflm'):.1f}"),
     Column('train img/s', lambda r: f"{statistics.mean(run['train_img_s'] for run in r.runs):.0f}"),
 ]
 
