@@ -21,6 +21,7 @@ import litert_torch
 from litert_torch.quantize.quant_config import QuantConfig
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
+from timm_nlp._modules import has_submodule
 from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
 from timm_nlp.layers.export_ops import FloatIsland
 from timm_nlp.patching import PatchBased, lowest_patched_profile
@@ -82,6 +83,46 @@ def _quiet():
                 os.close(fd)
 
 
+def _prepared(form: nn.Module, quantizer: FullInt8Quantizer, nhwc: torch.Tensor) -> Tuple[nn.Module, nn.Module]:
+    """``form`` with an NHWC interface, exported and prepared for calibration; and the module it exported."""
+    wrapped = litert_torch.to_channel_last_io(form, args=[0]).eval()
+    with torch.no_grad():
+        program = torch.export.export(wrapped, (nhwc[:1],), strict=False)
+    return prepare_pt2e(program.module(), quantizer), wrapped
+
+
+def _observers(prepared: nn.Module, roots: Tuple[nn.Module, ...]) -> Dict[tuple, List[nn.Module]]:
+    """The activation observers of a prepared graph by the op they observe: the module object that ran it, its
+    source line and its target. A module's path is resolved in the first of ``roots`` that has it (the exported
+    wrapper; the model, whose names patch-based execution's views call their modules by)."""
+    found: Dict[tuple, List[nn.Module]] = {}
+    for n in prepared.graph.nodes:
+        src = n.args[0] if n.op == 'call_module' and n.args else None
+        if not isinstance(src, torch.fx.Node) or src.op != 'call_function':
+            continue
+        observer = prepared.get_submodule(n.target)
+        stack = src.meta.get('nn_module_stack') or {}
+        path = list(stack.values())[-1][0] if stack else ''
+        module = next((r.get_submodule(path) for r in roots if has_submodule(r, path)), None)
+        if module is None or not hasattr(observer, 'min_val'):
+            continue
+        line = (src.meta.get('stack_trace') or '').strip().splitlines()[-1:]
+        found.setdefault((id(module), tuple(line), src.target), []).append(observer)
+    return found
+
+
+def _observers_like(prepared: nn.Module, whole: nn.Module, roots: Tuple[nn.Module, ...]) -> None:
+    """Give the observers of a patch-based graph the calibration of the whole-map graph's observers of the same op
+    (the patches' halos and crops, calibrated on their own, would widen the ranges): an op the whole map runs k times
+    (one source line, several calls) and the patches k x m times, in the same order on every patch."""
+    reference = _observers(whole, roots)
+    for key, observers in _observers(prepared, roots).items():
+        ref = reference.get(key, [])
+        if ref and len(observers) % len(ref) == 0:
+            for i, obs in enumerate(observers):
+                obs.load_state_dict(ref[i % len(ref)].state_dict())
+
+
 def export_tflite(
         model: nn.Module,
         calibration: torch.Tensor,
@@ -112,22 +153,25 @@ def export_tflite(
     start = time.perf_counter()
     input_size = tuple(calibration.shape[1:])
     form = export_form_model(model, input_size, chunk, widen)
+    nhwc = calibration.permute(0, 2, 3, 1).contiguous()
+    quantizer = FullInt8Quantizer(observer)
+    prepared, root = _prepared(form, quantizer, nhwc)
     if patches:
         if split is None:
             split = lowest_patched_profile(model, input_size, patches)[0]
-        form = PatchBased(form, patches, split).eval()
-        form.plan(input_size)  # planned (on meta copies) before the tracing, not inside it
-    islands = sorted({m.name for m in form.modules() if isinstance(m, FloatIsland)})
-    wrapped = litert_torch.to_channel_last_io(form, args=[0]).eval()
-    nhwc = calibration.permute(0, 2, 3, 1).contiguous()
-    with torch.no_grad():
-        program = torch.export.export(wrapped, (nhwc[:1],), strict=False)
-    quantizer = FullInt8Quantizer(observer)
-    prepared = prepare_pt2e(program.module(), quantizer)
+        patched = PatchBased(form, patches, split).eval()
+        patched.plan(input_size)  # planned (on meta copies) before the tracing, not inside it
+        whole, whole_root = prepared, root
+        prepared, root = _prepared(patched, quantizer, nhwc)
+    islands = sorted({m.name for m in root.modules() if isinstance(m, FloatIsland)})
     seconds['export'] = time.perf_counter() - start
     with torch.no_grad():
         for i in range(len(nhwc)):
             prepared(nhwc[i:i + 1])
+            if patches:
+                whole(nhwc[i:i + 1])
+    if patches:  # the whole-map model's quantisation wherever the patches run the same op: the same int8 outputs
+        _observers_like(prepared, whole, (root, whole_root, form))
     seconds['calibrate'] = time.perf_counter() - start - seconds['export']
     converted = convert_pt2e(prepared, fold_quantize=False)
     with _quiet():
