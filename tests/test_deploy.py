@@ -67,6 +67,8 @@ def test_a_local_network_deploys_fully_int8():
     out = deploy.tflm_run(exported.flatbuffer, x)
     agree, worst = deploy.lsb_agreement(out, deploy.litert_reference(exported.flatbuffer, x))
     assert agree >= 0.99, (agree, worst)
+    with pytest.raises(ValueError, match="kernels 'fast' is not one of reference, builtin"):
+        deploy.litert_reference(exported.flatbuffer, x, 'fast')
     with torch.no_grad():
         ref = model(images).numpy()
     ours = _float(out, exported)

@@ -121,10 +121,19 @@ def tflm_run(model: bytes, inputs: np.ndarray, arena: int = 1 << 26) -> np.ndarr
     return outputs
 
 
-def litert_reference(model: bytes, inputs: np.ndarray) -> np.ndarray:
-    """The outputs of LiteRT's reference kernels (``BUILTIN_REF``) on ``inputs`` (stacked like ``tflm_run``'s)."""
+def litert_reference(model: bytes, inputs: np.ndarray, kernels: str = 'reference') -> np.ndarray:
+    """The outputs of LiteRT's interpreter on ``inputs`` (stacked like ``tflm_run``'s).
+
+    Args:
+        model: The flatbuffer.
+        inputs: Samples stacked on the first axis.
+        kernels: 'reference' (``BUILTIN_REF``, LiteRT's reference kernels) or 'builtin' (its optimised kernels).
+    """
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
-    interpreter = Interpreter(model_content=model, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    resolvers = {'reference': OpResolverType.BUILTIN_REF, 'builtin': OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    if kernels not in resolvers:
+        raise ValueError(f"kernels '{kernels}' is not one of {', '.join(resolvers)}.")
+    interpreter = Interpreter(model_content=model, experimental_op_resolver_type=resolvers[kernels])
     interpreter.allocate_tensors()
     inp, out = interpreter.get_input_details()[0]['index'], interpreter.get_output_details()[0]['index']
     outputs = []
