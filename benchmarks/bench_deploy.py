@@ -47,7 +47,7 @@ MEMORY = [
     ('prepool-skip-4-mobilenet_v2-skip-1222121', None, None, 64, True),
     ('mobilenet_v2-maxp-4222121', None, None, 64, True),
     ('mobilenet_v2-maxp-4222121', 4, None, 64, True),
-    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, 64, True),
+    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, 196, True),
     ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 4, 'blocks.0', 32, True),
     ('mobilenet_v2-nlp_headfix2-2222121', None, None, 64, False),
 ]

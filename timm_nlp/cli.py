@@ -83,6 +83,7 @@ def _tflite(args: argparse.Namespace, model, size):
 
 
 def _export(args: argparse.Namespace) -> None:
+    from .layers.export_ops import INT8_SOFTMAX_MAX_ROW
     model, size = _deploy_model(args)
     if args.format == 'onnx':
         if args.int8 or args.patches:
@@ -100,7 +101,9 @@ def _export(args: argparse.Namespace) -> None:
           f"{sum(exported.ops.values())} ops" + (f', patch-based {args.patches}x{args.patches} up to '
                                                    f'{exported.split}' if args.patches else '') +
           (f"; float (TFLite Micro has no int8 kernel): {', '.join(float_ops)} in {', '.join(exported.float_islands)}"
-           if float_ops else '; fully int8'))
+           if float_ops else '; fully int8') +
+          (f' ({exported.wide_softmax} softmaxes over rows of {INT8_SOFTMAX_MAX_ROW + 1} or more write int16)'
+           if exported.wide_softmax else ''))
 
 
 def _runtime_profile(args: argparse.Namespace) -> None:

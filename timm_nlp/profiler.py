@@ -21,7 +21,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._modules import meta_copy
 from .export_model import export_form_model
-from .layers.export_ops import FloatIsland
+from .layers.export_ops import INT8_SOFTMAX_MAX_ROW, FloatIsland
 from .layers.protocol import CompoundLayer
 
 __all__ = [
@@ -403,11 +403,15 @@ class _TFLMTrace(TorchDispatchMode):
         if name == 'slice' and tuple(outs[0].shape) == tuple(args[0].shape):  # a whole axis: the tensor itself
             self.name(outs[0], ins[0])
             return out
-        made = [self.new_buffer(t, itemsize) for t in outs]
+        wide = name == '_softmax' and itemsize == 1 and outs[0].shape[-1] > INT8_SOFTMAX_MAX_ROW
+        made = [self.new_buffer(t, 2 if wide else itemsize) for t in outs]
+        self.ops.append((self.module[-1], name, ins, made, tuple(outs[0].shape) if outs else ()))
+        if wide:  # an int16 output, requantised to int8 (``timm_nlp.deploy.flatbuffer.widen_softmax``)
+            made = [self.new_buffer(outs[0], itemsize)]
+            self.ops.append((self.module[-1], 'quantize', self.ops[-1][3], made, tuple(outs[0].shape)))
         self.computed[key] = made
         if self.island:
             self.island_made.update(made)
-        self.ops.append((self.module[-1], name, ins, made, tuple(outs[0].shape) if outs else ()))
         return out
 
 
@@ -415,7 +419,8 @@ def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: i
     """The ops of ``model`` (on the meta device) as TensorFlow Lite Micro plans them: a buffer per op output (views,
     fused activations and folded norms none of their own), the input's from the start, each until its last reader,
     the output's to the end, each aligned to 16 bytes; ops inside a ``FloatIsland`` in float (4 bytes), reading
-    dequantised copies of their int8 inputs and giving quantised copies of their outputs. A step per op
+    dequantised copies of their int8 inputs and giving quantised copies of their outputs; a softmax over rows longer
+    than TFLite Micro's int8 output takes writes int16 (2 bytes), then its int8 copy. A step per op
     holds every live buffer, so the peak is the least arena head any planner needs (which TFLite Micro's greedy planner
     reaches on these graphs)."""
     meta = meta_copy(model)

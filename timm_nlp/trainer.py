@@ -30,6 +30,7 @@ from .checkpoint import (RECORD_KEY, CheckpointError, checkpoint_record, load_er
                          load_weights, save_weights)
 from .data import DATASETS, ImageView, dataset_name, resolve_datasets
 from .grammar import ArchSpec
+from .interrupts import raise_if_interrupted, remembered_interrupts
 from .layers import DynamicConv2d, set_dynamic_temperature
 from .models import adapt_input_channels, checkpoint_filter_fn, create_model, load_stock_source
 from .tools.recipes import PAPER_RECIPE, paper_decay_milestones
@@ -422,6 +423,7 @@ def export_best_weights(output: str, record: Dict[str, Any]) -> Dict[str, Any]:
     return dict(eval_metric=ranked_by, best_top1=best['metric'], best_epoch=best['epoch'], weights=path)
 
 
+@remembered_interrupts()  # a Ctrl-C that Python drops (in a finaliser) is raised at the next batch
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Train one model, as ``timm-nlp train`` does: the recipe and data defaults applied, checkpoints in
     ``args.output`` (where a rerun resumes), ``summary.csv`` with every epoch's test metrics, DistributedDataParallel
@@ -539,6 +541,7 @@ def _train_one_epoch(task, optimizer, scheduler, loader, epoch: int, num_epochs:
         from tqdm import tqdm
         batches = tqdm(loader, desc=f'epoch {epoch + 1}/{num_epochs}', leave=False, dynamic_ncols=True)
     for images, targets in batches:
+        raise_if_interrupted()
         images, targets = images.to(task.device), targets.to(task.device)
         with autocast():
             loss = task(images, targets)['loss']
@@ -566,6 +569,7 @@ def _evaluate(model, loader, autocast, distributed: bool) -> Tuple[Dict[str, flo
     evaluator = ClassificationEvaluator(device, max_samples=evaluation_sample_limit(loader))
     seen, start = 0, time.perf_counter()
     for images, targets in loader:
+        raise_if_interrupted()
         images, targets = images.to(device), targets.to(device)
         with autocast():
             output = model(images)

@@ -1,5 +1,6 @@
 """Reading and editing TFLite flatbuffers (LiteRT's schema): the op list, which ops compute in float, the int8 model
-interface, ops moved to float where TFLite Micro has no int8 kernel, and the activation memory of the graph."""
+interface, ops moved to float where TFLite Micro has no int8 kernel, long softmax rows given an int16 output, and the
+activation memory of the graph."""
 import copy
 import os
 import tempfile
@@ -11,9 +12,11 @@ import numpy as np
 from ai_edge_litert import _pywrap_modify_model_interface as modify_interface
 from ai_edge_litert import schema_py_generated as schema
 
+from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
+
 __all__ = [
-    'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'floatify_ops', 'live_bytes_peak',
-    'FLOAT_ONLY_IN_TFLM',
+    'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'floatify_ops', 'widen_softmax',
+    'live_bytes_peak', 'FLOAT_ONLY_IN_TFLM',
 ]
 
 # ops TFLite Micro runs in float only (the converter may still emit them int8)
@@ -41,9 +44,9 @@ class OpInfo:
 
     @property
     def is_float(self) -> bool:
-        """Whether it computes in float (a float activation in or out, or a (de)quantisation)."""
-        return self.name in ('QUANTIZE', 'DEQUANTIZE') or any(
-            t in ('FLOAT32', 'FLOAT16') for t, _ in self.inputs + self.outputs)
+        """Whether it computes in float: a float activation in or out (a DEQUANTIZE, a QUANTIZE of a float, an op
+        between them; a QUANTIZE from int16 to int8 is an integer requantisation)."""
+        return any(t in ('FLOAT32', 'FLOAT16') for t, _ in self.inputs + self.outputs)
 
 
 def op_list(flat: bytes) -> List[OpInfo]:
@@ -113,41 +116,79 @@ def _opcode(model, code: int) -> int:
     return len(model.operatorCodes) - 1
 
 
-def floatify_ops(flat: bytes, names: Sequence[str] = FLOAT_ONLY_IN_TFLM) -> Tuple[bytes, int]:
-    """Every int8 op of the given types as DEQUANTIZE -> float op -> QUANTIZE (the int8 side keeps its scales):
-    the converter re-quantises a float island of one op. Returns the model and how many ops were moved."""
+def _new_tensor(sg, like, type_: int, suffix: bytes, scale: Optional[float] = None, zero_point: int = 0) -> int:
+    """A tensor of ``like``'s shape appended to the subgraph ``sg``; returns its index."""
+    t = schema.TensorT()
+    t.shape, t.type, t.buffer, t.name = copy.copy(like.shape), type_, 0, (like.name or b'') + suffix
+    if scale is not None:
+        t.quantization = schema.QuantizationParametersT()
+        t.quantization.scale, t.quantization.zeroPoint = [scale], [zero_point]
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def _op(model, code: int, inputs: List[int], outputs: List[int]) -> 'schema.OperatorT':
+    op = schema.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = _opcode(model, code), inputs, outputs
+    return op
+
+
+def _rewrite(flat: bytes, rewrite) -> Tuple[bytes, int]:
+    """Every op of every subgraph replaced by the ops ``rewrite(model, subgraph, op)`` returns (None: kept); returns
+    the model and how many ops were rewritten."""
     model = _model(flat)
-    codes = {getattr(schema.BuiltinOperator, n) for n in names}
-    moved = 0
+    rewritten = 0
     for sg in model.subgraphs:
         ops = []
         for op in sg.operators:
-            oc = model.operatorCodes[op.opcodeIndex]
-            t_in, t_out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
-            if max(oc.builtinCode, oc.deprecatedBuiltinCode) not in codes or t_in.type != schema.TensorType.INT8:
-                ops.append(op)
-                continue
-            floats = []
-            for src in (t_in, t_out):
-                t = schema.TensorT()
-                t.shape, t.type, t.buffer = copy.copy(src.shape), schema.TensorType.FLOAT32, 0
-                t.name = (src.name or b'') + b'_f32'
-                sg.tensors.append(t)
-                floats.append(len(sg.tensors) - 1)
-            dq, q = schema.OperatorT(), schema.OperatorT()
-            dq.opcodeIndex, dq.inputs, dq.outputs = _opcode(model, schema.BuiltinOperator.DEQUANTIZE), \
-                [op.inputs[0]], [floats[0]]
-            q.opcodeIndex, q.inputs, q.outputs = _opcode(model, schema.BuiltinOperator.QUANTIZE), [floats[1]], \
-                [op.outputs[0]]
-            op.inputs, op.outputs = [floats[0]] + list(op.inputs[1:]), [floats[1]]
-            ops += [dq, op, q]
-            moved += 1
+            new = rewrite(model, sg, op)
+            ops += [op] if new is None else new
+            rewritten += new is not None
         sg.operators = ops
-    if not moved:
+    if not rewritten:
         return flat, 0
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b'TFL3')
-    return bytes(builder.Output()), moved
+    return bytes(builder.Output()), rewritten
+
+
+def _builtin(model, op) -> int:
+    oc = model.operatorCodes[op.opcodeIndex]
+    return max(oc.builtinCode, oc.deprecatedBuiltinCode)
+
+
+def floatify_ops(flat: bytes, names: Sequence[str] = FLOAT_ONLY_IN_TFLM) -> Tuple[bytes, int]:
+    """Every int8 op of the given types as DEQUANTIZE -> float op -> QUANTIZE (the int8 side keeps its scales):
+    the converter re-quantises a float island of one op. Returns the model and how many ops were moved."""
+    codes = {getattr(schema.BuiltinOperator, n) for n in names}
+
+    def rewrite(model, sg, op):
+        t_in, t_out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
+        if _builtin(model, op) not in codes or t_in.type != schema.TensorType.INT8:
+            return None
+        f_in, f_out = (_new_tensor(sg, t, schema.TensorType.FLOAT32, b'_f32') for t in (t_in, t_out))
+        dq = _op(model, schema.BuiltinOperator.DEQUANTIZE, [op.inputs[0]], [f_in])
+        q = _op(model, schema.BuiltinOperator.QUANTIZE, [f_out], [op.outputs[0]])
+        op.inputs, op.outputs = [f_in] + list(op.inputs[1:]), [f_out]
+        return [dq, op, q]
+    return _rewrite(flat, rewrite)
+
+
+def widen_softmax(flat: bytes, max_row: int = INT8_SOFTMAX_MAX_ROW) -> Tuple[bytes, int]:
+    """Every int8 SOFTMAX over rows longer than ``max_row`` as SOFTMAX with an int16 output (scale 1/65536, zero
+    point -32768, the kernel's fixed quantisation) -> QUANTIZE to its int8 output (its calibrated scale): TFLite
+    Micro's int8 output path aborts where a row's exponentials sum to 512 or more, its int16 output path sums up to
+    65,536. Returns the model and how many softmaxes were widened."""
+    def rewrite(model, sg, op):
+        t_in, t_out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
+        if _builtin(model, op) != schema.BuiltinOperator.SOFTMAX or t_in.type != schema.TensorType.INT8 \
+                or t_in.shape[-1] <= max_row:
+            return None
+        wide = _new_tensor(sg, t_out, schema.TensorType.INT16, b'_i16', 1 / 65536, -32768)
+        q = _op(model, schema.BuiltinOperator.QUANTIZE, [wide], [op.outputs[0]])
+        op.outputs = [wide]
+        return [op, q]
+    return _rewrite(flat, rewrite)
 
 
 def live_bytes_peak(flat: bytes) -> Tuple[int, Optional[int]]:

@@ -8,7 +8,9 @@ op of the exported graph by its aten target instead:
 - weighted ops (conv, linear): int8 activations in, per-channel symmetric int8 weights (activations used as weights,
   as in attention, per tensor), int8 out, fused with a ReLU / ReLU6 that is their only user;
 - arithmetic (add, sub, mul, div, sum, rsqrt...): int8 in, int8 out with its own range;
-- sigmoid and softmax: the fixed output quantisation TFLite's int8 kernels require (scale 1/256, zero point -128);
+- sigmoid and softmax: the fixed output quantisation TFLite's int8 kernels require (scale 1/256, zero point -128),
+  except a softmax over rows longer than TFLite Micro's int8 output takes: its own range (the exported graph gives it an
+  int16 output requantised to this, ``flatbuffer.widen_softmax``), finer than 1/256 where the attention is spread thin;
 - layout, selection and pooling ops (reshape, slice, pad, max/avg pool, mean, gather, up-sampling, concatenation...):
   the output shares its input's quantisation, so nothing is requantised (LiteRT's reference MEAN kernel is wrong
   where the scales differ);
@@ -27,9 +29,11 @@ from torch.fx import GraphModule, Node
 from litert_torch.quantize import pt2e_quantizer_utils
 from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 from torchao.quantization.pt2e.observer import MinMaxObserver
-from timm_nlp.export_model import OBSERVERS
 from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec)
+
+from timm_nlp.export_model import OBSERVERS
+from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
 
 __all__ = ['FullInt8Quantizer']
 _WEIGHTED = {'conv2d', 'convolution', 'linear'}
@@ -143,8 +147,9 @@ class FullInt8Quantizer(PT2EQuantizer):
                 qmap = {a: self._input(a) for a in n.args if _is_float(a)}
                 n.meta['quantization_annotation'] = QuantizationAnnotation(qmap, out, _annotated=True)
             elif name in _FIXED_UNIT:
+                wide = name in ('_softmax', 'softmax') and n.meta['val'].shape[-1] > INT8_SOFTMAX_MAX_ROW
                 n.meta['quantization_annotation'] = QuantizationAnnotation(
-                    {n.args[0]: self._input(n.args[0])}, self.unit, _annotated=True)
+                    {n.args[0]: self._input(n.args[0])}, output_spec(n) if wide else self.unit, _annotated=True)
                 continue
             elif name in ('cat', 'stack'):
                 ins = [a for a in n.args[0] if _is_float(a)]

@@ -4,7 +4,8 @@ The path: the model as it is deployed (``timm_nlp.export_model.export_form_model
 forms, the ops TFLite Micro runs, norms folded, stride-2 convolutions padded as TFLite pads); optionally its
 high-resolution prefix patch by patch in the same graph (``timm_nlp.patch_based``); an NHWC int8 interface
 (``litert_torch.to_channel_last_io``); ``torch.export``; PT2E quantisation (``FullInt8Quantizer``) calibrated on real
-images; litert-torch's converter; int8 inputs and outputs; the ops TFLite Micro runs in float only moved to float.
+images; litert-torch's converter; int8 inputs and outputs; the ops TFLite Micro runs in float only moved to float;
+softmax rows too long for its int8 output given an int16 one.
 """
 import contextlib
 import os
@@ -25,7 +26,7 @@ from timm_nlp._modules import has_submodule
 from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
 from timm_nlp.layers.export_ops import FloatIsland
 from timm_nlp.patching import PatchBased, lowest_patched_profile
-from .flatbuffer import float_ops, floatify_ops, io_quantization, op_census, to_int8_io
+from .flatbuffer import float_ops, floatify_ops, io_quantization, op_census, to_int8_io, widen_softmax
 from .quantizer import FullInt8Quantizer
 
 __all__ = ['TFLiteModel', 'export_tflite']
@@ -43,11 +44,13 @@ class TFLiteModel:
     patches: Optional[int] = None
     split: Optional[str] = None
     chunk: Optional[int] = None
+    wide_softmax: int = 0
     seconds: Dict[str, float] = field(default_factory=dict)
 
     @property
     def fully_int8(self) -> bool:
-        """No op computes in float and none quantises or dequantises inside the graph."""
+        """No op computes in float, none quantises from or dequantises to float inside the graph (``wide_softmax``
+        softmaxes write int16, requantised to int8 by an integer QUANTIZE)."""
         return not self.float_ops
 
     def save(self, path: str) -> None:
@@ -177,7 +180,7 @@ def export_tflite(
     with _quiet():
         flat = litert_torch.convert(converted, (nhwc[:1],), quant_config=QuantConfig(pt2e_quantizer=quantizer))
         flat = flat.model_content()
-    flat, _ = floatify_ops(to_int8_io(flat))
+    flat, wide = widen_softmax(floatify_ops(to_int8_io(flat))[0])
     seconds['convert'] = time.perf_counter() - start - seconds['export'] - seconds['calibrate']
     return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), islands, io_quantization(flat),
-                       patches, split if patches else None, chunk, seconds)
+                       patches, split if patches else None, chunk, wide, seconds)

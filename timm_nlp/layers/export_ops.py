@@ -8,8 +8,11 @@ int8 wherever it has an int8 kernel:
 - ``exp(s) = sigmoid(s) / sigmoid(-s)`` (LOGISTIC and DIV are int8; TFLite Micro's EXP is float only);
 - explicit integer padding (no ``padding='same'``);
 - concatenations of at most ten inputs (TFLite Micro's CONCATENATION limit);
-- what must stay float (TFLite Micro has no int8 kernel: EXP, LOG, SQRT; softmax rows of 512 or more) inside a
-  ``FloatIsland``, which the int8 quantiser leaves unquantised.
+- softmax rows of any length: TFLite Micro's int8 SOFTMAX aborts where a row's exponentials sum to 512 or more
+  (its int8 output path), so rows longer than ``INT8_SOFTMAX_MAX_ROW`` are deployed with an int16 output requantised
+  to int8 (``timm_nlp.deploy``);
+- what must stay float (TFLite Micro has no int8 kernel: EXP, LOG, SQRT) inside a ``FloatIsland``, which the int8
+  quantiser leaves unquantised.
 """
 from typing import Callable, List, Sequence, Tuple
 
@@ -18,9 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ['FloatIsland', 'exp_int8', 'nearest_up', 'tree_cat', 'explicit_padding', 'window_avg', 'ExportError',
-           'CONCAT_MAX_INPUTS']
+           'CONCAT_MAX_INPUTS', 'INT8_SOFTMAX_MAX_ROW']
 
 CONCAT_MAX_INPUTS = 10
+# the longest softmax row whose exponentials (each at most 1) always sum below 512, as TFLite Micro's int8 SOFTMAX
+# with an int8 output needs: longer rows take its int16 output
+INT8_SOFTMAX_MAX_ROW = 511
 
 
 class ExportError(ValueError):
@@ -33,7 +39,7 @@ class FloatIsland(nn.Module):
 
     Args:
         fn: The float computation.
-        name: What it computes, for the export report (e.g. 'softplus', 'softmax').
+        name: What it computes, for the export report (e.g. 'softplus').
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], name: str):

@@ -19,16 +19,13 @@ from torchvision.ops import deform_conv2d
 from timm.layers import Attention
 
 from .dynamic_conv import DynamicConv2d
-from .export_ops import ExportError, FloatIsland, exp_int8, nearest_up, tree_cat
+from .export_ops import ExportError, exp_int8, nearest_up, tree_cat
 from .protocol import CompoundLayer, PatchSupport
 
 __all__ = [
     'DeformConv2d', 'LearnedPosEmbed2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'nearest_index',
-    'upsample_nearest', 'resample_at_offsets', 'ChunkedAttention', 'INT8_SOFTMAX_MAX_ROW',
+    'upsample_nearest', 'resample_at_offsets', 'ChunkedAttention',
 ]
-
-# TFLite Micro's int8 SOFTMAX aborts on rows of 512 or more elements: longer rows are computed in float
-INT8_SOFTMAX_MAX_ROW = 511
 
 ConvLayer = Callable[..., nn.Module]
 
@@ -356,18 +353,14 @@ class SelfAttentiveImportance(nn.Module):
         return _NonLocalExport(self, in_size, chunk)
 
 
-def _softmax_pv(scores: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
-    return F.linear(scores.softmax(-1), v_t)
-
-
 class ChunkedAttention(nn.Module):
     """timm's ``Attention`` (without norms, as the non-local importance uses it) on one sample's tokens ``(1, N, E)``,
     its queries in chunks of ``chunk`` rows, so that no more than ``chunk x N`` scores exist at a time.
 
     Every product is a 2-D ``F.linear`` (FULLY_CONNECTED, the keys and the transposed values as its weights), the
     ``1 / sqrt(d)`` scale is folded into the query projection, and the chunks' outputs are concatenated in a tree.
-    Where a row of scores is longer than TFLite Micro's int8 SOFTMAX takes, the softmax and the product with the
-    values are a float island.
+    Every op is int8 in TFLite Micro (rows of scores longer than its int8 SOFTMAX takes get an int16 softmax output,
+    see ``timm_nlp.deploy``).
 
     Args:
         attn: timm ``Attention``.
@@ -389,20 +382,13 @@ class ChunkedAttention(nn.Module):
             if attn.qkv.bias is not None:
                 self.qkv.bias.copy_(attn.qkv.bias * scale[:, 0])
         self.proj = attn.proj
-        self.softmax_pv = FloatIsland(_softmax_pv, 'softmax')
 
     def _head(self, q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
         N = q.shape[0]
         if k.shape[0] == 1:  # a softmax over one key is 1
             return v_t.t().expand(N, -1)
         c = self.chunk or N
-        outs = []
-        for i in range(0, N, c):
-            scores = F.linear(q[i:i + c], k)
-            if k.shape[0] > INT8_SOFTMAX_MAX_ROW:
-                outs.append(self.softmax_pv(scores, v_t))
-            else:
-                outs.append(F.linear(scores.softmax(-1), v_t))
+        outs = [F.linear(F.linear(q[i:i + c], k).softmax(-1), v_t) for i in range(0, N, c)]
         return tree_cat(outs, 0)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
