@@ -21,7 +21,7 @@ chunk) has one quantisation for all its runs, as one layer has one set of scales
 observed together, and concatenating them requantises nothing.
 """
 import operator
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.fx import GraphModule, Node
@@ -35,7 +35,7 @@ from torchao.quantization.pt2e.quantizer import (
 from timm_nlp.export_model import OBSERVERS
 from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
 
-__all__ = ['FullInt8Quantizer']
+__all__ = ['FullInt8Quantizer', 'call_site']
 _WEIGHTED = {'conv2d', 'convolution', 'linear'}
 _ARITHMETIC = {
     'add', 'add_', 'sub', 'sub_', 'rsub', 'mul', 'mul_', 'div', 'div_', 'bmm', 'matmul', 'mm', 'addmm', 'sum', 'rsqrt',
@@ -69,11 +69,12 @@ def _is_float(n: object) -> bool:
     return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
 
 
-def _call_site(n: Node) -> tuple:
-    """What identifies an op across its runs: its module, the source lines that called it and its target."""
+def call_site(n: Node) -> Tuple[str, Tuple[str, ...], object]:
+    """Where an op of the exported graph was called: the path of the module it ran in, the source lines of its call
+    stack (its node name where the trace has none) and its target."""
     stack = n.meta.get('nn_module_stack') or {}
     module = list(stack.values())[-1][0] if stack else ''
-    return module, n.meta.get('stack_trace') or n.name, n.target
+    return module, tuple((n.meta.get('stack_trace') or '').strip().splitlines()) or (n.name,), n.target
 
 
 def _in_float_island(n: Node) -> bool:
@@ -129,7 +130,7 @@ class FullInt8Quantizer(PT2EQuantizer):
 
         def output_spec(n: Node):
             """A fresh quantisation for the first run of an op, that of its first run for the others."""
-            first = first_run.setdefault(_call_site(n), n)
+            first = first_run.setdefault(call_site(n), n)
             return self.act if first is n else SharedQuantizationSpec(first)
 
         for n in model.graph.nodes:

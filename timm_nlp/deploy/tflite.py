@@ -27,7 +27,7 @@ from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
 from timm_nlp.layers.export_ops import FloatIsland
 from timm_nlp.patching import PatchBased, lowest_patched_profile
 from .flatbuffer import float_ops, floatify_ops, io_quantization, op_census, to_int8_io, widen_softmax
-from .quantizer import FullInt8Quantizer
+from .quantizer import FullInt8Quantizer, call_site
 
 __all__ = ['TFLiteModel', 'export_tflite']
 
@@ -95,22 +95,20 @@ def _prepared(form: nn.Module, quantizer: FullInt8Quantizer, nhwc: torch.Tensor)
 
 
 def _observers(prepared: nn.Module, roots: Tuple[nn.Module, ...]) -> Dict[tuple, List[nn.Module]]:
-    """The activation observers of a prepared graph by the op they observe: the module object that ran it, its
-    source line and its target. A module's path is resolved in the first of ``roots`` that has it (the exported
-    wrapper; the model, whose names patch-based execution's views call their modules by)."""
+    """The activation observers of a prepared graph by the op they observe (``quantizer.call_site``): the module
+    object that ran it, its innermost source line and its target. A module's path is resolved in the first of
+    ``roots`` that has it (the exported wrapper; the model, whose names patch-based execution's views call their
+    modules by)."""
     found: Dict[tuple, List[nn.Module]] = {}
     for n in prepared.graph.nodes:
         src = n.args[0] if n.op == 'call_module' and n.args else None
         if not isinstance(src, torch.fx.Node) or src.op != 'call_function':
             continue
         observer = prepared.get_submodule(n.target)
-        stack = src.meta.get('nn_module_stack') or {}
-        path = list(stack.values())[-1][0] if stack else ''
+        path, lines, target = call_site(src)
         module = next((r.get_submodule(path) for r in roots if has_submodule(r, path)), None)
-        if module is None or not hasattr(observer, 'min_val'):
-            continue
-        line = (src.meta.get('stack_trace') or '').strip().splitlines()[-1:]
-        found.setdefault((id(module), tuple(line), src.target), []).append(observer)
+        if module is not None and hasattr(observer, 'min_val'):
+            found.setdefault((id(module), lines[-1], target), []).append(observer)
     return found
 
 
