@@ -186,12 +186,13 @@ def accuracy_row(name: str, args: argparse.Namespace) -> dict:
     from timm_nlp.deploy.calibration import calibration_images
     model, size, train_s = _trained(name, args)
     exported = export_tflite(model, calibration_images('fashion-mnist', model, size, 64))
-    test = _test_images(model, size)
+    test = _test_images(model, size, args.test_images)
     labels = np.concatenate([y.numpy() for _, y in test])
     with torch.no_grad():
         float_pred = np.concatenate([model(x).argmax(1).numpy() for x, _ in test])
     int8_pred = _tflm_top1(exported, test)
     return dict(model=name, img_size=args.img_size, epochs=args.epochs, train_subset=args.train_subset,
+                test_images=len(labels), wide_softmax=exported.wide_softmax,
                 float_top1=100 * float((float_pred == labels).mean()),
                 int8_top1=100 * float((int8_pred == labels).mean()), **_against_litert(exported, test),
                 float_ops=sorted(set(exported.float_ops)), train_s=round(train_s))
@@ -278,8 +279,9 @@ def run_accuracy(args: argparse.Namespace) -> None:
         rows = [r if 'max_lsb_litert' in r else _backfill(r, args) for r in rows]
         with open(args.results, 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows)
-    print(f'\nFashion-MNIST test set (10,000 images), {args.img_size}x{args.img_size}, int8 as TFLite Micro computes '
-          'it; its outputs on 200 test images against LiteRT\'s reference and optimised kernels\n')
+    print(f'\nFashion-MNIST test set (the first {args.test_images} images), {args.img_size}x{args.img_size}, int8 as '
+          'TFLite Micro computes it; its outputs on 200 test images against LiteRT\'s reference and optimised '
+          'kernels\n')
     print(markdown_table(['model', 'epochs', 'float top-1 (%)', 'int8 top-1 (%)', 'int8 - float (points)',
                           'TFLM vs LiteRT optimised (<= 1 LSB)', 'TFLM vs LiteRT reference (<= 1 LSB)',
                           'top-1 on 200: TFLM / optimised / reference (%)', 'float ops'],
@@ -321,6 +323,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--img-size', type=int, default=32)
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--train-subset', type=int, default=None)
+    p.add_argument('--test-images', type=int, default=10000)
     p.add_argument('--work-dir', default='output/bench_deploy/train')
     p.add_argument('--results', default='output/bench_deploy/accuracy.jsonl')
     p = sub.add_parser('patches', help='a trained network whole-map and patch-based: the same predictions?')
