@@ -128,6 +128,27 @@ def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
         assert torch.allclose(form(images[:1]), model(images[:1]), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_gaussian_pool_deploys_with_only_its_square_root_in_float():
+    """softplus(x) = -log(softmax([x, 0]))[1] becomes one int8 LOG_SOFTMAX; the window deviations' SQRT, which TFLite
+    Micro has in float only, is the one float island."""
+    model, images = _model('resnet18_gaussian_pool_2222', 48)
+    exported = deploy.export_tflite(model, images[:4], observer='minmax')
+    ops = exported.ops
+    assert exported.float_islands == ['sqrt'] and set(exported.float_ops) == {'DEQUANTIZE', 'SQRT', 'QUANTIZE'}
+    assert ops['LOG_SOFTMAX'] == 4 and ops['SQRT (float)'] == 4
+    assert not {'LOG', 'LOG (float)', 'EXP', 'EXP (float)', 'SOFTMAX'} & set(ops)
+    lsm = [op for op in deploy.op_list(exported.flatbuffer) if op.name == 'LOG_SOFTMAX']
+    assert all(op.inputs[0][0] == 'INT8' and op.outputs[0][0] == 'INT8' for op in lsm)
+    x = _int8(images[:8], exported)
+    out = deploy.tflm_run(exported.flatbuffer, x)
+    agree, worst = deploy.lsb_agreement(out, deploy.litert_reference(exported.flatbuffer, x))
+    assert agree >= 0.99, (agree, worst)
+    with torch.no_grad():
+        ref = model(images[:8]).numpy()
+    assert _cosine(_float(out, exported), ref).mean() > 0.9
+
+
 def test_layers_without_an_exact_export_form_are_named_before_converting():
     model = timm_nlp.create_model('resnet18_dfmnlp_headfix2_reduced_2222', num_classes=3)
     with pytest.raises(ExportError, match=r"'layer1.pool' \(WeightedPool2d\) cannot be exported exactly: its "

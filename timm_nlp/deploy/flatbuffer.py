@@ -16,7 +16,7 @@ from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
 
 __all__ = [
     'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'floatify_ops', 'widen_softmax',
-    'live_bytes_peak', 'FLOAT_ONLY_IN_TFLM',
+    'fuse_log_softmax', 'live_bytes_peak', 'FLOAT_ONLY_IN_TFLM',
 ]
 
 # ops TFLite Micro runs in float only (the converter may still emit them int8)
@@ -145,11 +145,13 @@ def _rewrite(flat: bytes, rewrite) -> Tuple[bytes, int]:
             ops += [op] if new is None else new
             rewritten += new is not None
         sg.operators = ops
-    if not rewritten:
-        return flat, 0
+    return (_pack(model), rewritten) if rewritten else (flat, 0)
+
+
+def _pack(model) -> bytes:
     builder = flatbuffers.Builder(1024)
     builder.Finish(model.Pack(builder), file_identifier=b'TFL3')
-    return bytes(builder.Output()), rewritten
+    return bytes(builder.Output())
 
 
 def _builtin(model, op) -> int:
@@ -189,6 +191,39 @@ def widen_softmax(flat: bytes, max_row: int = INT8_SOFTMAX_MAX_ROW) -> Tuple[byt
         op.outputs = [wide]
         return [op, q]
     return _rewrite(flat, rewrite)
+
+
+def fuse_log_softmax(flat: bytes) -> Tuple[bytes, int]:
+    """Every int8 LOG of an int8 SOFTMAX (its only reader) as one LOG_SOFTMAX of the softmax's input, into the LOG's
+    output (quantised as that kernel requires: scale 16/256, zero point 127): TFLite Micro's LOG is float only, its
+    LOG_SOFTMAX int8, and the converter decomposes ``log_softmax``. Returns the model and how many were fused."""
+    model = _model(flat)
+    fused = 0
+    for sg in model.subgraphs:
+        readers: Dict[int, int] = {}
+        for op in sg.operators:
+            for i in op.inputs:
+                readers[i] = readers.get(i, 0) + 1
+        producer = {o: op for op in sg.operators for o in op.outputs}
+        pairs = {}
+        for op in sg.operators:
+            src = producer.get(op.inputs[0])
+            if _builtin(model, op) == schema.BuiltinOperator.LOG and src is not None and \
+                    _builtin(model, src) == schema.BuiltinOperator.SOFTMAX and readers[op.inputs[0]] == 1 and \
+                    sg.tensors[op.inputs[0]].type == schema.TensorType.INT8 and src.builtinOptions.beta == 1:
+                pairs[id(op)], pairs[id(src)] = src, None
+        ops = []
+        for op in sg.operators:
+            if id(op) not in pairs:
+                ops.append(op)
+            elif pairs[id(op)] is not None:  # the LOG: one LOG_SOFTMAX in its place, the SOFTMAX dropped
+                lsm = _op(model, schema.BuiltinOperator.LOG_SOFTMAX, [pairs[id(op)].inputs[0]], list(op.outputs))
+                lsm.builtinOptionsType = schema.BuiltinOptions.LogSoftmaxOptions
+                lsm.builtinOptions = schema.LogSoftmaxOptionsT()
+                ops.append(lsm)
+                fused += 1
+        sg.operators = ops
+    return (_pack(model), fused) if fused else (flat, 0)
 
 
 def live_bytes_peak(flat: bytes) -> Tuple[int, Optional[int]]:

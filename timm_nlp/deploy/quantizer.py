@@ -8,6 +8,8 @@ op of the exported graph by its aten target instead:
 - weighted ops (conv, linear): int8 activations in, per-channel symmetric int8 weights (activations used as weights,
   as in attention, per tensor), int8 out, fused with a ReLU / ReLU6 that is their only user;
 - arithmetic (add, sub, mul, div, sum, rsqrt...): int8 in, int8 out with its own range;
+- the log of a softmax (exported as one LOG_SOFTMAX, ``flatbuffer.fuse_log_softmax``): that kernel's fixed output
+  quantisation (scale 16/256, zero point 127);
 - sigmoid and softmax: the fixed output quantisation TFLite's int8 kernels require (scale 1/256, zero point -128),
   except a softmax over rows longer than TFLite Micro's int8 output takes: its own range (the exported graph gives it an
   int16 output requantised to this, ``flatbuffer.widen_softmax``), finer than 1/256 where the attention is spread thin;
@@ -101,6 +103,8 @@ class FullInt8Quantizer(PT2EQuantizer):
         self.weight = pt2e_quantizer_utils.get_weight_qspec(self.global_config)
         self.unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=1 / 256, zero_point=-128, quant_min=-128,
                                                  quant_max=127, qscheme=torch.per_tensor_affine)
+        self.log_unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=16 / 256, zero_point=127, quant_min=-128,
+                                                     quant_max=127, qscheme=torch.per_tensor_affine)
 
     def transform_for_annotation(self, model: GraphModule) -> GraphModule:
         """Python-number operands of arithmetic become constant tensors, so that they are quantised like inputs."""
@@ -151,6 +155,10 @@ class FullInt8Quantizer(PT2EQuantizer):
                 wide = name in ('_softmax', 'softmax') and n.meta['val'].shape[-1] > INT8_SOFTMAX_MAX_ROW
                 n.meta['quantization_annotation'] = QuantizationAnnotation(
                     {n.args[0]: self._input(n.args[0])}, output_spec(n) if wide else self.unit, _annotated=True)
+                continue
+            elif name == 'log' and _op_name(n.args[0]) in ('_softmax', 'softmax'):  # a LOG_SOFTMAX once converted
+                n.meta['quantization_annotation'] = QuantizationAnnotation(
+                    {n.args[0]: self._input(n.args[0])}, self.log_unit, _annotated=True)
                 continue
             elif name in ('cat', 'stack'):
                 ins = [a for a in n.args[0] if _is_float(a)]

@@ -26,7 +26,8 @@ from timm_nlp._modules import has_submodule
 from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
 from timm_nlp.layers.export_ops import FloatIsland
 from timm_nlp.patching import PatchBased, lowest_patched_profile
-from .flatbuffer import float_ops, floatify_ops, io_quantization, op_census, to_int8_io, widen_softmax
+from .flatbuffer import (float_ops, floatify_ops, fuse_log_softmax, io_quantization, op_census, to_int8_io,
+                         widen_softmax)
 from .quantizer import FullInt8Quantizer, call_site
 
 __all__ = ['TFLiteModel', 'export_tflite']
@@ -178,7 +179,7 @@ def export_tflite(
     with _quiet():
         flat = litert_torch.convert(converted, (nhwc[:1],), quant_config=QuantConfig(pt2e_quantizer=quantizer))
         flat = flat.model_content()
-    flat, wide = widen_softmax(floatify_ops(to_int8_io(flat))[0])
+    flat, wide = widen_softmax(floatify_ops(fuse_log_softmax(to_int8_io(flat))[0])[0])
     seconds['convert'] = time.perf_counter() - start - seconds['export'] - seconds['calibrate']
     return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), islands, io_quantization(flat),
                        patches, split if patches else None, chunk, wide, seconds)

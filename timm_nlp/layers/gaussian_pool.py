@@ -115,8 +115,9 @@ class GaussianPool2d(PoolLayer):
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
-    """``softplus(x) = relu(x) + log(1 + exp(-|x|))``: F.softplus becomes a SELECT, which TFLite Micro lacks."""
-    return torch.relu(x) + torch.log(1 + torch.exp(-x.abs()))
+    """``softplus(x) = log(1 + e^x) = -log(softmax([x, 0]))[1]``, which is exact: one int8 LOG_SOFTMAX once exported
+    (TFLite Micro's LOG and EXP are float only, F.softplus becomes a SELECT, which it lacks)."""
+    return -torch.log(torch.softmax(F.pad(x.unsqueeze(-1), (0, 1)), -1))[..., 1]
 
 
 def _sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -125,15 +126,15 @@ def _sqrt(v: torch.Tensor) -> torch.Tensor:
 
 class _GaussianPoolExport(PoolLayer):
     """The export form of ``GaussianPool2d`` (eval, batch 1): the window moments as AVERAGE_POOL_2D of the input and
-    of its squared deviation from the up-sampled window mean, int8; the square root of the variance and the global
-    branch's softplus in float (TFLite Micro has no int8 SQRT, EXP or LOG)."""
+    of its squared deviation from the up-sampled window mean, int8; the global branch's softplus as a LOG_SOFTMAX,
+    int8; the square root of the variance in float (TFLite Micro has no int8 SQRT)."""
 
     def __init__(self, pool: GaussianPool2d, in_size: Tuple[int, int]):
         super().__init__()
         self.stride, self.ceil_mode, self.eps, self.channels = pool.stride, False, pool.eps, pool.channels
         self.area = in_size[0] * in_size[1]
         self.hidden, self.mu = pool.hidden, pool.mu
-        self.sqrt, self.softplus = FloatIsland(_sqrt, 'sqrt'), FloatIsland(_softplus, 'softplus')
+        self.sqrt = FloatIsland(_sqrt, 'sqrt')
 
     def _windows(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         s = self.stride
@@ -145,7 +146,7 @@ class _GaussianPoolExport(PoolLayer):
         return mean + scale * std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._windows(x, self.softplus(self.mu(self.hidden(x.mean((2, 3), keepdim=True)))))
+        return self._windows(x, _softplus(self.mu(self.hidden(x.mean((2, 3), keepdim=True)))))
 
     def patch_support(self) -> PatchSupport:
         return PatchSupport.two_pass('gaussian')
@@ -160,7 +161,7 @@ class _GaussianPoolExport(PoolLayer):
         mean = parts[0][1]
         for _, part in parts[1:]:
             mean = mean + part
-        return self.softplus(self.mu(self.hidden(mean)))
+        return _softplus(self.mu(self.hidden(mean)))
 
     def pool_patch(self, x: torch.Tensor, state: torch.Tensor, origin: Tuple[int, int]) -> torch.Tensor:
         return self._windows(x, state)
