@@ -42,7 +42,8 @@ _WEIGHTED = {'conv2d', 'convolution', 'linear'}
 _ARITHMETIC = {
     'add', 'add_', 'sub', 'sub_', 'rsub', 'mul', 'mul_', 'div', 'div_', 'bmm', 'matmul', 'mm', 'addmm', 'sum', 'rsqrt',
     'square', 'tanh', 'abs', 'neg', 'hardswish', 'hardsigmoid', 'minimum', 'maximum', 'adaptive_avg_pool2d'}
-_FIXED_UNIT = {'sigmoid', 'sigmoid_', '_softmax', 'softmax'}  # outputs in [0, 1]
+_SOFTMAX = {'_softmax', 'softmax'}
+_FIXED_UNIT = {'sigmoid', 'sigmoid_'} | _SOFTMAX  # outputs in [0, 1]
 _SHARED = {
     'view', '_unsafe_view', 'reshape', 'permute', 'transpose', 't', 'slice', 'select', 'squeeze', 'unsqueeze',
     'expand', 'flatten', 'unflatten', 'clone', 'contiguous', 'pad', 'constant_pad_nd', 'max_pool2d', 'avg_pool2d',
@@ -152,11 +153,11 @@ class FullInt8Quantizer(PT2EQuantizer):
                 qmap = {a: self._input(a) for a in n.args if _is_float(a)}
                 n.meta['quantization_annotation'] = QuantizationAnnotation(qmap, out, _annotated=True)
             elif name in _FIXED_UNIT:
-                wide = name in ('_softmax', 'softmax') and n.meta['val'].shape[-1] > INT8_SOFTMAX_MAX_ROW
+                wide = name in _SOFTMAX and n.meta['val'].shape[-1] > INT8_SOFTMAX_MAX_ROW
                 n.meta['quantization_annotation'] = QuantizationAnnotation(
                     {n.args[0]: self._input(n.args[0])}, output_spec(n) if wide else self.unit, _annotated=True)
                 continue
-            elif name == 'log' and _op_name(n.args[0]) in ('_softmax', 'softmax'):  # a LOG_SOFTMAX once converted
+            elif name == 'log' and _op_name(n.args[0]) in _SOFTMAX:  # a LOG_SOFTMAX once converted
                 n.meta['quantization_annotation'] = QuantizationAnnotation(
                     {n.args[0]: self._input(n.args[0])}, self.log_unit, _annotated=True)
                 continue

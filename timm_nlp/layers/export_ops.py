@@ -39,7 +39,7 @@ class FloatIsland(nn.Module):
 
     Args:
         fn: The float computation.
-        name: What it computes, for the export report (e.g. 'softplus').
+        name: What it computes, for the export report (e.g. 'sqrt').
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], name: str):
