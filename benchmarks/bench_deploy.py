@@ -47,12 +47,14 @@ MEMORY = [
     ('prepool-skip-4-mobilenet_v2-skip-1222121', None, None, 64, True),
     ('mobilenet_v2-maxp-4222121', None, None, 64, True),
     ('mobilenet_v2-maxp-4222121', 4, None, 64, True),
+    ('mobilenet_v2-gaussian_pool-4222121', None, None, 64, True),
+    ('mobilenet_v2-gaussian_pool-4222121', 4, None, 64, True),
     ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, 196, True),
     ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 4, 'blocks.0', 32, True),
     ('mobilenet_v2-nlp_headfix2-2222121', None, None, 64, False),
 ]
 ACCURACY = ['resnet18', 'mobilenetv2_100', 'prepool-maxp-2-resnet18-skip-1222', 'resnet18_lip_2222',
-            'resnet18_nlp_headfix2_2222']
+            'resnet18_gaussian_pool_2222', 'resnet18_nlp_headfix2_2222']
 KiB = 1024
 
 

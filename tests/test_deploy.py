@@ -59,7 +59,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_a_local_network_deploys_fully_int8():
     model, images = _model('resnet18_maxp_2222', 48)
     exported = deploy.export_tflite(model, images[:4], observer='minmax')
-    assert exported.fully_int8 and exported.float_ops == [] and exported.float_islands == []
+    assert exported.fully_int8 and exported.float_ops == []
     assert not any(op in exported.ops for op in ('PAD', 'PADV2', 'QUANTIZE', 'DEQUANTIZE'))  # SAME-padded convs
     assert exported.io['inputs'][0][:2] == ('INT8', (1, 48, 48, 3)) and exported.io['outputs'][0][:2] == ('INT8',
                                                                                                        (1, 10))
@@ -103,7 +103,7 @@ def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
     model, images = _model('resnet18_nlp_headfix2_2222', 96)
     exported = deploy.export_tflite(model, images[:4], chunk=100, observer='minmax')
     ops = exported.ops
-    assert exported.fully_int8 and exported.float_islands == [] and exported.wide_softmax == 2 * 6
+    assert exported.fully_int8 and exported.wide_softmax == 2 * 6
     # two heads: layer1's 576 queries in chunks of 100, layer2's 144 in 2 chunks; layer3, layer4: one
     assert ops['SOFTMAX'] == 2 * 6 + 2 * 2 + 2 + 2 and ops['QUANTIZE'] == 2 * 6 and 'DEQUANTIZE' not in ops
     wide = [op for op in deploy.op_list(exported.flatbuffer) if op.name == 'SOFTMAX' and op.outputs[0][0] == 'INT16']
@@ -129,17 +129,18 @@ def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
 
 
 @pytest.mark.slow
-def test_a_gaussian_pool_deploys_with_only_its_square_root_in_float():
-    """softplus(x) = -log(softmax([x, 0]))[1] becomes one int8 LOG_SOFTMAX; the window deviations' SQRT, which TFLite
-    Micro has in float only, is the one float island."""
+def test_a_gaussian_pool_deploys_fully_int8():
+    """softplus(x) = -log(softmax([x, 0]))[1] becomes one int8 LOG_SOFTMAX; a window's standard deviation, the mean of
+    its deviations times their L2-normalised selves (times sqrt of its size), one int8 L2_NORMALIZATION and no SQRT
+    (float only in TFLite Micro) or RSQRT (whose range would reach 1 / sqrt(eps))."""
     model, images = _model('resnet18_gaussian_pool_2222', 48)
     exported = deploy.export_tflite(model, images[:4], observer='minmax')
     ops = exported.ops
-    assert exported.float_islands == ['sqrt'] and set(exported.float_ops) == {'DEQUANTIZE', 'SQRT', 'QUANTIZE'}
-    assert ops['LOG_SOFTMAX'] == 4 and ops['SQRT (float)'] == 4
-    assert not {'LOG', 'LOG (float)', 'EXP', 'EXP (float)', 'SOFTMAX'} & set(ops)
-    lsm = [op for op in deploy.op_list(exported.flatbuffer) if op.name == 'LOG_SOFTMAX']
-    assert all(op.inputs[0][0] == 'INT8' and op.outputs[0][0] == 'INT8' for op in lsm)
+    # the fourth pool's windows are single pixels at 48 px (their deviation is 0: std = sqrt(eps), a constant)
+    assert exported.fully_int8 and ops['LOG_SOFTMAX'] == 4 and ops['L2_NORMALIZATION'] == 3
+    assert not {'LOG', 'EXP', 'SOFTMAX', 'SQRT', 'RSQRT', 'QUANTIZE', 'DEQUANTIZE'} & {k.split()[0] for k in ops}
+    fused = [op for op in deploy.op_list(exported.flatbuffer) if op.name in ('LOG_SOFTMAX', 'L2_NORMALIZATION')]
+    assert all(op.inputs[0][0] == 'INT8' and op.outputs[0][0] == 'INT8' for op in fused)
     x = _int8(images[:8], exported)
     out = deploy.tflm_run(exported.flatbuffer, x)
     agree, worst = deploy.lsb_agreement(out, deploy.litert_reference(exported.flatbuffer, x))

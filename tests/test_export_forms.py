@@ -5,9 +5,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from reference import randomize_norms
 
-import timm_nlp
 from timm_nlp.layers import create_pool2d
-from timm_nlp.layers.export_ops import ExportError, FloatIsland, nearest_up, tree_cat
+from timm_nlp.layers.export_ops import ExportError, ExportedOps, WindowsLast, nearest_up, tree_cat
 from timm_nlp.layers.self_attn_pool import ChunkedAttention, upsample_nearest
 
 
@@ -16,6 +15,7 @@ POOLS = [
     ('nlp', (13, 11), 2, dict(patch_size=3)), ('nlp_nowin', (16, 16), 2, dict(patch_size=2)),
     ('nlp', (16, 16), 2, dict(patch_size=2)), ('mixp', (12, 10), 2, dict(patch_size=2)),
     ('gaussian_pool', (13, 12), 2, {}), ('gaussian_pool', (12, 12), 3, {}), ('gaussian_pool', (1, 5), 2, {}),
+    ('gaussian_pool', (1, 1), 2, {}),
     ('nlp_headfix2', (24, 20), 2, {}),
     ('nlp', (3, 13), 2, dict(patch_size=4)), ('avgp', (9, 8), 2, {}), ('maxp', (9, 8), 3, {}),
 ]
@@ -90,9 +90,16 @@ def test_layers_without_an_exact_export_form_say_why(name, match):
         create_pool2d('lip', 8, 2, ceil_mode=True).export_form((15, 15))
 
 
-def test_float_islands_are_named():
+def test_exported_ops_are_what_the_memory_count_sees():
+    """The Gaussian pool's window deviations are gathered by two TRANSPOSEs and normalised by one
+    L2_NORMALIZATION (all int8): the tflm accounting counts those ops, not the ones PyTorch traces them as."""
+    from timm_nlp.profiler import tflm_profile
     pool = create_pool2d('gaussian_pool', 8, 2).eval()
-    names = sorted(m.name for m in pool.export_form((8, 8)).modules() if isinstance(m, FloatIsland))
-    assert names == ['sqrt']  # the softplus is a LOG_SOFTMAX, int8
-    model = timm_nlp.create_model('resnet18_lip_2222', num_classes=3).eval()
-    assert not any(isinstance(m, FloatIsland) for m in model.layer1.pool.export_form((56, 56)).modules())
+    form = pool.export_form((12, 10))
+    assert [type(m).__name__ for m in form.modules() if isinstance(m, ExportedOps)] == ['WindowsLast', 'L2Normalize']
+    steps = [(layer.kind, layer.out_bytes) for layer in tflm_profile(form, (8, 12, 10)).layers]
+    window_ops = [step for step in steps if step[0] in ('transpose', 'l2_normalization')]
+    assert window_ops == [('transpose', 8 * 12 * 10)] * 2 + [('l2_normalization', 8 * 12 * 10)]
+    assert not {'rsqrt', 'sqrt', 'sum'} & {op for op, _ in steps}
+    windows = WindowsLast()(torch.arange(2 * 4 * 6.).reshape(1, 2, 4, 6), 2, 3)
+    assert windows.shape == (4, 2, 6) and windows[1, 0].tolist() == [3, 4, 5, 9, 10, 11]  # window (0, 1), channel 0

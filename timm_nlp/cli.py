@@ -100,8 +100,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{args.output}: {len(exported.flatbuffer)} bytes, int8 NHWC input {exported.io['inputs'][0][1]}, "
           f"{sum(exported.ops.values())} ops" + (f', patch-based {args.patches}x{args.patches} up to '
                                                    f'{exported.split}' if args.patches else '') +
-          (f"; float (TFLite Micro has no int8 kernel): {', '.join(float_ops)} in {', '.join(exported.float_islands)}"
-           if float_ops else '; fully int8') +
+          (f"; float ops: {', '.join(float_ops)}" if float_ops else '; fully int8') +
           (f' ({exported.wide_softmax} softmaxes over rows of {INT8_SOFTMAX_MAX_ROW + 1} or more write int16)'
            if exported.wide_softmax else ''))
 
@@ -126,7 +125,7 @@ def _runtime_profile(args: argparse.Namespace) -> None:
         rows.append(dict(name=name, img_size=args.img_size, patches=args.patches, split=exported.split,
                          arena_bytes=arena.arena_bytes, head=arena.head, tail=arena.tail,
                          counted_head=counted.peak_bytes, flash_bytes=len(exported.flatbuffer), ops=exported.ops,
-                         float_ops=sorted(set(exported.float_ops)), float_islands=exported.float_islands))
+                         float_ops=sorted(set(exported.float_ops))))
     if args.json:
         print(json.dumps(rows, indent=1))
         return

@@ -21,7 +21,7 @@ from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._modules import meta_copy
 from .export_model import export_form_model
-from .layers.export_ops import INT8_SOFTMAX_MAX_ROW, FloatIsland
+from .layers.export_ops import INT8_SOFTMAX_MAX_ROW, ExportedOps
 from .layers.protocol import CompoundLayer
 
 __all__ = [
@@ -294,9 +294,7 @@ class _TFLMTrace(TorchDispatchMode):
         self.ops: List[Tuple[str, str, List[int], List[int], Tuple[int, ...]]] = []
         self.computed: Dict[tuple, List[int]] = {}
         self.module = ['']
-        self.island = 0
-        self.island_made: set = set()  # buffers the current float island computed
-        self.dequantized: Dict[int, int] = {}  # int8 buffer -> its float copy in the current island
+        self.exported = 0  # depth inside an ``ExportedOps`` module, whose ops are its declared ones
 
     @staticmethod
     def explicit_pad(name: str, args: tuple) -> bool:
@@ -335,39 +333,15 @@ class _TFLMTrace(TorchDispatchMode):
             return tuple(self.signature(v) for v in a)
         return a
 
-    def float_copy(self, t: torch.Tensor) -> int:
-        """The buffer a float island reads ``t`` from: its own, or the DEQUANTIZE copy of an int8 input (4 bytes an
-        element, one per island run)."""
-        b = self.buffer[id(t)]
-        if b in self.island_made:
-            return b
-        if b not in self.dequantized:
-            self.sizes.append(-(-t.numel() * 4 // _TFLM_ALIGN) * _TFLM_ALIGN)
-            self.dequantized[b] = len(self.sizes) - 1
-            self.ops.append((self.module[-1], 'dequantize', [b], [self.dequantized[b]], tuple(t.shape)))
-        return self.dequantized[b]
-
-    def enter_island(self, inputs: tuple) -> None:
-        """A float island dequantises its inputs before its first op."""
-        if not self.island:
-            self.island_made, self.dequantized = set(), {}
-            self.island += 1
-            for t in _tensors(inputs):
-                if id(t) in self.buffer:
-                    self.float_copy(t)
-        else:
-            self.island += 1
-
-    def leave_island(self, output) -> None:
-        """An island's outputs are QUANTIZEd back to int8 copies, which the ops after it read."""
-        self.island -= 1
-        if self.island:
+    def leave_exported(self, m: ExportedOps, inputs: tuple, output: torch.Tensor) -> None:
+        """The ops ``m`` is exported as, one after another from its inputs, each a buffer the size of its output."""
+        ins = [self.buffer[id(t)] for t in _tensors(inputs) if id(t) in self.buffer]
+        if not ins:
             return
-        for t in _tensors(output):
-            if id(t) in self.buffer:
-                source = self.buffer[id(t)]
-                copy = self.new_buffer(t, self.itemsize)
-                self.ops.append((self.module[-1], 'quantize', [source], [copy], tuple(t.shape)))
+        for op in m.OPS:
+            made = [self.new_buffer(output, self.itemsize)]
+            self.ops.append((self.module[-1], op.lower(), ins, made, tuple(output.shape)))
+            ins = made
 
     def name(self, t: torch.Tensor, buffer: int) -> None:
         self.buffer[id(t)] = buffer
@@ -376,12 +350,11 @@ class _TFLMTrace(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        inputs = [t for t in _tensors(list(args)) if id(t) in self.buffer]
-        ins = [self.float_copy(t) if self.island else self.buffer[id(t)] for t in inputs]
+        ins = [self.buffer[id(t)] for t in _tensors(list(args)) if id(t) in self.buffer]
         outs = [t for t in _tensors(out) if t.dtype.is_floating_point]
-        if not ins:  # computed from constants only: a constant
+        if not ins or self.exported:  # computed from constants only (a constant), or an exported op's step
             return out
-        itemsize = 4 if self.island else self.itemsize
+        itemsize = self.itemsize
         if name in _TFLM_ALIASES and outs:
             for t in outs:
                 self.name(t, ins[0])
@@ -410,17 +383,14 @@ class _TFLMTrace(TorchDispatchMode):
             made = [self.new_buffer(outs[0], itemsize)]
             self.ops.append((self.module[-1], 'quantize', self.ops[-1][3], made, tuple(outs[0].shape)))
         self.computed[key] = made
-        if self.island:
-            self.island_made.update(made)
         return out
 
 
 def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: int = 1) -> 'ActivationProfile':
     """The ops of ``model`` (on the meta device) as TensorFlow Lite Micro plans them: a buffer per op output (views,
     fused activations and folded norms none of their own), the input's from the start, each until its last reader,
-    the output's to the end, each aligned to 16 bytes; ops inside a ``FloatIsland`` in float (4 bytes), reading
-    dequantised copies of their int8 inputs and giving quantised copies of their outputs; a softmax over rows longer
-    than TFLite Micro's int8 output takes writes int16 (2 bytes), then its int8 copy. A step per op
+    the output's to the end, each aligned to 16 bytes; an ``ExportedOps`` module as the ops it declares; a softmax over
+    rows longer than TFLite Micro's int8 output takes writes int16 (2 bytes), then its int8 copy. A step per op
     holds every live buffer, so the peak is the least arena head any planner needs (which TFLite Micro's greedy planner
     reaches on these graphs)."""
     meta = meta_copy(model)
@@ -429,13 +399,14 @@ def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: i
 
     def enter(m: nn.Module, inputs: tuple) -> None:
         trace.module.append(names.get(m, trace.module[-1]))  # a view (patch-based execution) is its module
-        if isinstance(m, FloatIsland):
-            trace.enter_island(inputs)
+        trace.exported += isinstance(m, ExportedOps)
 
     def leave(m: nn.Module, inputs: tuple, output) -> None:
         trace.module.pop()
-        if isinstance(m, FloatIsland):
-            trace.leave_island(output)
+        if isinstance(m, ExportedOps):
+            trace.exported -= 1
+            if not trace.exported:
+                trace.leave_exported(m, inputs, output)
     hooks = [h for m in meta.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     x = torch.empty(1, *input_size, device='meta')
     trace.new_buffer(x, itemsize)

@@ -5,7 +5,7 @@ import copy
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import flatbuffers
 import numpy as np
@@ -15,12 +15,10 @@ from ai_edge_litert import schema_py_generated as schema
 from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
 
 __all__ = [
-    'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'floatify_ops', 'widen_softmax',
-    'fuse_log_softmax', 'live_bytes_peak', 'FLOAT_ONLY_IN_TFLM',
+    'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'widen_softmax',
+    'fuse_log_softmax', 'fuse_l2_normalization', 'live_bytes_peak',
 ]
 
-# ops TFLite Micro runs in float only (the converter may still emit them int8)
-FLOAT_ONLY_IN_TFLM = ('EXP', 'LOG', 'SQRT')
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith('_')}
 _ITEMSIZE = {'INT8': 1, 'UINT8': 1, 'BOOL': 1, 'INT16': 2, 'FLOAT16': 2, 'FLOAT32': 4, 'INT32': 4, 'INT64': 8}
@@ -159,23 +157,6 @@ def _builtin(model, op) -> int:
     return max(oc.builtinCode, oc.deprecatedBuiltinCode)
 
 
-def floatify_ops(flat: bytes, names: Sequence[str] = FLOAT_ONLY_IN_TFLM) -> Tuple[bytes, int]:
-    """Every int8 op of the given types as DEQUANTIZE -> float op -> QUANTIZE (the int8 side keeps its scales):
-    the converter re-quantises a float island of one op. Returns the model and how many ops were moved."""
-    codes = {getattr(schema.BuiltinOperator, n) for n in names}
-
-    def rewrite(model, sg, op):
-        t_in, t_out = sg.tensors[op.inputs[0]], sg.tensors[op.outputs[0]]
-        if _builtin(model, op) not in codes or t_in.type != schema.TensorType.INT8:
-            return None
-        f_in, f_out = (_new_tensor(sg, t, schema.TensorType.FLOAT32, b'_f32') for t in (t_in, t_out))
-        dq = _op(model, schema.BuiltinOperator.DEQUANTIZE, [op.inputs[0]], [f_in])
-        q = _op(model, schema.BuiltinOperator.QUANTIZE, [f_out], [op.outputs[0]])
-        op.inputs, op.outputs = [f_in] + list(op.inputs[1:]), [f_out]
-        return [dq, op, q]
-    return _rewrite(flat, rewrite)
-
-
 def widen_softmax(flat: bytes, max_row: int = INT8_SOFTMAX_MAX_ROW) -> Tuple[bytes, int]:
     """Every int8 SOFTMAX over rows longer than ``max_row`` as SOFTMAX with an int16 output (scale 1/65536, zero
     point -32768, the kernel's fixed quantisation) -> QUANTIZE to its int8 output (its calibrated scale): TFLite
@@ -223,6 +204,56 @@ def fuse_log_softmax(flat: bytes) -> Tuple[bytes, int]:
                 ops.append(lsm)
                 fused += 1
         sg.operators = ops
+    return (_pack(model), fused) if fused else (flat, 0)
+
+
+def fuse_l2_normalization(flat: bytes) -> Tuple[bytes, int]:
+    """Every int8 ``x * RSQRT([MAXIMUM](SUM(x * x)))`` over the last axis (``timm_nlp.layers.export_ops.L2Normalize``)
+    whose output is quantised as TFLite's int8 L2_NORMALIZATION writes (scale 1/128, zero point 0) as that one op:
+    the converter decomposes the norm, and TFLite Micro's RSQRT cannot be quantised for it (its range reaches
+    ``1 / eps``). Returns the model and how many were fused."""
+    model = _model(flat)
+    fused = 0
+    for sg in model.subgraphs:
+        readers: Dict[int, int] = {}
+        for op in sg.operators:
+            for i in op.inputs:
+                readers[i] = readers.get(i, 0) + 1
+        producer = {o: op for op in sg.operators for o in op.outputs}
+
+        def chain(t: int, *codes: int):
+            """The ops that produce ``t`` through ``codes`` (first the producer of ``t``), each read once."""
+            ops = []
+            for code in codes:
+                op = producer.get(t)
+                if op is None or _builtin(model, op) != code or readers.get(t) != 1:
+                    return None
+                ops.append(op)
+                t = op.inputs[0]
+            return ops
+
+        dropped, norms = set(), {}
+        for op in sg.operators:
+            out = sg.tensors[op.outputs[0]]
+            q = out.quantization
+            if _builtin(model, op) != schema.BuiltinOperator.MUL or out.type != schema.TensorType.INT8 or \
+                    q is None or list(q.scale) != [1 / 128] or list(q.zeroPoint) != [0]:
+                continue
+            for x, r in (op.inputs, op.inputs[::-1]):
+                ops = chain(r, schema.BuiltinOperator.RSQRT, schema.BuiltinOperator.MAXIMUM,
+                            schema.BuiltinOperator.SUM, schema.BuiltinOperator.MUL) or \
+                    chain(r, schema.BuiltinOperator.RSQRT, schema.BuiltinOperator.SUM, schema.BuiltinOperator.MUL)
+                shape = list(sg.tensors[x].shape)
+                if ops and list(ops[-1].inputs) == [x, x] and \
+                        list(sg.tensors[ops[-2].outputs[0]].shape) == shape[:-1] + [1]:
+                    dropped.update(id(o) for o in ops)
+                    norm = _op(model, schema.BuiltinOperator.L2_NORMALIZATION, [x], list(op.outputs))
+                    norm.builtinOptionsType = schema.BuiltinOptions.L2NormOptions
+                    norm.builtinOptions = schema.L2NormOptionsT()
+                    norms[id(op)] = norm
+                    break
+        sg.operators = [norms.get(id(op), op) for op in sg.operators if id(op) not in dropped]
+        fused += len(norms)
     return (_pack(model), fused) if fused else (flat, 0)
 
 

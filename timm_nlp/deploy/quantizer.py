@@ -10,15 +10,16 @@ op of the exported graph by its aten target instead:
 - arithmetic (add, sub, mul, div, sum, rsqrt...): int8 in, int8 out with its own range;
 - the log of a softmax (exported as one LOG_SOFTMAX, ``flatbuffer.fuse_log_softmax``): that kernel's fixed output
   quantisation (scale 16/256, zero point 127);
+- the output of an ``L2Normalize`` (exported as one L2_NORMALIZATION, ``flatbuffer.fuse_l2_normalization``): that
+  kernel's fixed output quantisation (scale 1/128, zero point 0);
 - sigmoid and softmax: the fixed output quantisation TFLite's int8 kernels require (scale 1/256, zero point -128),
   except a softmax over rows longer than TFLite Micro's int8 output takes: its own range (the exported graph gives it an
   int16 output requantised to this, ``flatbuffer.widen_softmax``), finer than 1/256 where the attention is spread thin;
 - layout, selection and pooling ops (reshape, slice, pad, max/avg pool, mean, gather, up-sampling, concatenation...):
   the output shares its input's quantisation, so nothing is requantised (LiteRT's reference MEAN kernel is wrong
-  where the scales differ);
+  where the scales differ).
 
-and leaves float what is traced under a ``timm_nlp.layers.export_ops.FloatIsland`` (TFLite Micro has no int8 kernel
-for it). An op that runs several times (a layer on every patch of patch-based execution, an attention product on every
+An op that runs several times (a layer on every patch of patch-based execution, an attention product on every
 chunk) has one quantisation for all its runs, as one layer has one set of scales on a device: its outputs are
 observed together, and concatenating them requantises nothing.
 """
@@ -35,7 +36,7 @@ from torchao.quantization.pt2e.quantizer import (
     FixedQParamsQuantizationSpec, QuantizationAnnotation, SharedQuantizationSpec)
 
 from timm_nlp.export_model import OBSERVERS
-from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
+from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW, L2Normalize
 
 __all__ = ['FullInt8Quantizer', 'call_site']
 _WEIGHTED = {'conv2d', 'convolution', 'linear'}
@@ -80,8 +81,8 @@ def call_site(n: Node) -> Tuple[str, Tuple[str, ...], object]:
     return module, tuple((n.meta.get('stack_trace') or '').strip().splitlines()) or (n.name,), n.target
 
 
-def _in_float_island(n: Node) -> bool:
-    return any('FloatIsland' in str(v[1]) for v in n.meta.get('nn_module_stack', {}).values())
+def _in_l2_normalize(n: Node) -> bool:
+    return any('L2Normalize' in str(v[1]) for v in n.meta.get('nn_module_stack', {}).values())
 
 
 class FullInt8Quantizer(PT2EQuantizer):
@@ -104,6 +105,9 @@ class FullInt8Quantizer(PT2EQuantizer):
         self.weight = pt2e_quantizer_utils.get_weight_qspec(self.global_config)
         self.unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=1 / 256, zero_point=-128, quant_min=-128,
                                                  quant_max=127, qscheme=torch.per_tensor_affine)
+        scale, zero_point = L2Normalize.OUTPUT_QPARAMS
+        self.l2_unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=scale, zero_point=zero_point,
+                                                    quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
         self.log_unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=16 / 256, zero_point=127, quant_min=-128,
                                                      quant_max=127, qscheme=torch.per_tensor_affine)
 
@@ -140,11 +144,15 @@ class FullInt8Quantizer(PT2EQuantizer):
 
         for n in model.graph.nodes:
             name = _op_name(n)
-            if name is None or 'quantization_annotation' in n.meta or _in_float_island(n) or not _is_float(n):
+            if name is None or 'quantization_annotation' in n.meta or not _is_float(n):
                 continue
             users = list(n.users)
             fused = users[0] if len(users) == 1 and _op_name(users[0]) in _FUSED_ACTIVATIONS else None
             out = None if fused is not None else output_spec(n)
+            if name == 'mul' and _in_l2_normalize(n) and any(_op_name(a) == 'rsqrt' for a in n.args):
+                n.meta['quantization_annotation'] = QuantizationAnnotation(
+                    {a: self._input(a) for a in n.args}, self.l2_unit, _annotated=True)
+                continue
             if name in _WEIGHTED:
                 x, w = n.args[0], n.args[1]
                 qmap = {x: self._input(x), w: self.weight if w.op == 'get_attr' else self._input(w)}

@@ -24,9 +24,8 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from timm_nlp._modules import has_submodule
 from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
-from timm_nlp.layers.export_ops import FloatIsland
 from timm_nlp.patching import PatchBased, lowest_patched_profile
-from .flatbuffer import (float_ops, floatify_ops, fuse_log_softmax, io_quantization, op_census, to_int8_io,
+from .flatbuffer import (float_ops, fuse_l2_normalization, fuse_log_softmax, io_quantization, op_census, to_int8_io,
                          widen_softmax)
 from .quantizer import FullInt8Quantizer, call_site
 
@@ -40,7 +39,6 @@ class TFLiteModel:
     input_size: Tuple[int, int, int]
     ops: Dict[str, int]
     float_ops: List[str]
-    float_islands: List[str]
     io: Dict[str, list]
     patches: Optional[int] = None
     split: Optional[str] = None
@@ -149,7 +147,7 @@ def export_tflite(
         observer: Calibration observer, 'histogram' or 'minmax' (faster).
 
     Returns:
-        The flatbuffer with its op census, the ops left in float and the float islands the layers declared.
+        The flatbuffer with its op census and the ops left in float (none for the package's layers).
     """
     seconds: Dict[str, float] = {}
     start = time.perf_counter()
@@ -165,7 +163,6 @@ def export_tflite(
         patched.plan(input_size)  # planned (on meta copies) before the tracing, not inside it
         whole, whole_root = prepared, root
         prepared, root = _prepared(patched, quantizer, nhwc)
-    islands = sorted({m.name for m in root.modules() if isinstance(m, FloatIsland)})
     seconds['export'] = time.perf_counter() - start
     with torch.no_grad():
         for i in range(len(nhwc)):
@@ -179,7 +176,7 @@ def export_tflite(
     with _quiet():
         flat = litert_torch.convert(converted, (nhwc[:1],), quant_config=QuantConfig(pt2e_quantizer=quantizer))
         flat = flat.model_content()
-    flat, wide = widen_softmax(floatify_ops(fuse_log_softmax(to_int8_io(flat))[0])[0])
+    flat, wide = widen_softmax(fuse_l2_normalization(fuse_log_softmax(to_int8_io(flat))[0])[0])
     seconds['convert'] = time.perf_counter() - start - seconds['export'] - seconds['calibrate']
-    return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), islands, io_quantization(flat),
+    return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), io_quantization(flat),
                        patches, split if patches else None, chunk, wide, seconds)

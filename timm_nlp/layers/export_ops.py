@@ -11,17 +11,18 @@ int8 wherever it has an int8 kernel:
 - softmax rows of any length: TFLite Micro's int8 SOFTMAX aborts where a row's exponentials sum to 512 or more
   (its int8 output path), so rows longer than ``INT8_SOFTMAX_MAX_ROW`` are deployed with an int16 output requantised
   to int8 (``timm_nlp.deploy``);
-- what must stay float (TFLite Micro has no int8 kernel: EXP, LOG, SQRT) inside a ``FloatIsland``, which the int8
-  quantiser leaves unquantised.
+- a computation the converter decomposes into ops TFLite Micro cannot run int8, or not exactly, where one TFLite op
+  computes it: an ``ExportedOps`` module (``L2Normalize``, fused after conversion), which tells the memory count the
+  ops it becomes (as ``WindowsLast`` does for its layout copies).
 """
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ['FloatIsland', 'exp_int8', 'nearest_up', 'tree_cat', 'explicit_padding', 'window_avg', 'ExportError',
-           'CONCAT_MAX_INPUTS', 'INT8_SOFTMAX_MAX_ROW']
+__all__ = ['ExportedOps', 'L2Normalize', 'WindowsLast', 'exp_int8', 'nearest_up', 'tree_cat', 'explicit_padding',
+           'window_avg', 'ExportError', 'CONCAT_MAX_INPUTS', 'INT8_SOFTMAX_MAX_ROW']
 
 CONCAT_MAX_INPUTS = 10
 # the longest softmax row whose exponentials (each at most 1) always sum below 512, as TFLite Micro's int8 SOFTMAX
@@ -33,24 +34,36 @@ class ExportError(ValueError):
     """A layer that has no exact export form (raised before any conversion, with the reason)."""
 
 
-class FloatIsland(nn.Module):
-    """Ops that stay float in the deployed model (TFLite Micro has no int8 kernel for them): the int8 quantiser leaves
-    every op traced under a ``FloatIsland`` unannotated, so the graph dequantises into it and quantises out of it.
+class ExportedOps(nn.Module):
+    """A computation that the exported model holds as the TFLite ops ``OPS``, one after another, each writing a buffer
+    the size of the module's output, whatever the ops it is traced as (the memory count asks it, ``tflm_profile``)."""
 
-    Args:
-        fn: The float computation.
-        name: What it computes, for the export report (e.g. 'sqrt').
-    """
+    OPS: Tuple[str, ...] = ()
 
-    def __init__(self, fn: Callable[..., torch.Tensor], name: str):
-        super().__init__()
-        self.fn, self.name = fn, name
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.fn(*args)
+class L2Normalize(ExportedOps):
+    """``x / ||x||`` over the last axis (0 where ``x`` is 0), one int8 L2_NORMALIZATION once exported: the converter
+    decomposes it into MUL, SUM, MAXIMUM, RSQRT and MUL, which ``timm_nlp.deploy.flatbuffer.fuse_l2_normalization``
+    fuses, and the quantiser gives its output that kernel's fixed quantisation, ``OUTPUT_QPARAMS`` (scale, zero
+    point). An int8 RSQRT could not take its place: its range reaches ``1 / sqrt(eps)`` where ``x`` is near 0."""
 
-    def extra_repr(self) -> str:
-        return self.name
+    OPS = ('L2_NORMALIZATION',)
+    OUTPUT_QPARAMS = (1 / 128, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(torch.clamp_min((x * x).sum(-1, keepdim=True), 1e-30))
+
+
+class WindowsLast(ExportedOps):
+    """The ``kh x kw`` windows that tile a map ``(1, C, Ho * kh, Wo * kw)``, each window's elements on the last axis:
+    ``(Ho * Wo, C, kh * kw)`` (window by window in row-major order, then channel), as two TRANSPOSEs of the NHWC map."""
+
+    OPS = ('TRANSPOSE', 'TRANSPOSE')
+
+    def forward(self, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+        C, Ho, Wo = x.shape[1], x.shape[2] // kh, x.shape[3] // kw
+        rows = x.permute(0, 2, 3, 1).reshape(Ho, kh, Wo, kw * C).transpose(1, 2)
+        return rows.reshape(Ho * Wo, kh * kw, C).transpose(1, 2)
 
 
 def exp_int8(s: torch.Tensor) -> torch.Tensor:

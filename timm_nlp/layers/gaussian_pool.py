@@ -1,4 +1,5 @@
 """Gaussian-based pooling (Kobayashi, NeurIPS 2019), as the Self-Attentive Pooling paper's code builds it."""
+import math
 from collections import OrderedDict
 from typing import List, Optional, Tuple
 
@@ -8,7 +9,7 @@ from torch.nn import functional as F
 
 from timm.layers import register_notrace_module
 
-from .export_ops import ExportError, FloatIsland, nearest_up, window_avg
+from .export_ops import ExportError, L2Normalize, WindowsLast, nearest_up, window_avg
 from .protocol import PatchSupport, PoolLayer
 from .window_pool import window_avg_pool2d
 
@@ -120,30 +121,32 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
     return -torch.log(torch.softmax(F.pad(x.unsqueeze(-1), (0, 1)), -1))[..., 1]
 
 
-def _sqrt(v: torch.Tensor) -> torch.Tensor:
-    return v.sqrt()
-
-
 class _GaussianPoolExport(PoolLayer):
-    """The export form of ``GaussianPool2d`` (eval, batch 1): the window moments as AVERAGE_POOL_2D of the input and
-    of its squared deviation from the up-sampled window mean, int8; the global branch's softplus as a LOG_SOFTMAX,
-    int8; the square root of the variance in float (TFLite Micro has no int8 SQRT)."""
+    """The export form of ``GaussianPool2d`` (eval, batch 1), int8 throughout: the window means as AVERAGE_POOL_2D;
+    the standard deviation of a window ``w`` of ``k`` deviations from its mean as ``||w|| / sqrt(k) = mean(w *
+    w / ||w||) * sqrt(k)``, with ``w / ||w||`` one L2_NORMALIZATION over the window's elements (TFLite Micro's SQRT is
+    float only, and an int8 RSQRT's range would reach ``1 / sqrt(eps)`` in flat windows); ``sqrt(max(var, eps)) =
+    max(std, sqrt(eps))``; the global branch's softplus as a LOG_SOFTMAX."""
 
     def __init__(self, pool: GaussianPool2d, in_size: Tuple[int, int]):
         super().__init__()
         self.stride, self.ceil_mode, self.eps, self.channels = pool.stride, False, pool.eps, pool.channels
         self.area = in_size[0] * in_size[1]
         self.hidden, self.mu = pool.hidden, pool.mu
-        self.sqrt = FloatIsland(_sqrt, 'sqrt')
+        self.windows, self.normalize = WindowsLast(), L2Normalize()
 
     def _windows(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        s = self.stride
-        mean = window_avg(x, s)
-        # the rows and columns the windows cover (the whole axis where it is shorter than a window)
-        h, w = mean.shape[-2] * min(s, x.shape[-2]), mean.shape[-1] * min(s, x.shape[-1])
-        dev = x[:, :, :h, :w] - nearest_up(mean, (h, w))
-        std = self.sqrt(torch.clamp_min(window_avg(dev * dev, s), self.eps))
-        return mean + scale * std
+        mean = window_avg(x, self.stride)
+        C, Ho, Wo = mean.shape[1:]
+        # the window's rows and columns (the whole axis where it is shorter than a window)
+        kh, kw = min(self.stride, x.shape[-2]), min(self.stride, x.shape[-1])
+        if kh * kw == 1:  # windows of one pixel: no deviation, std = sqrt(eps)
+            return mean + scale * math.sqrt(self.eps)
+        dev = x[:, :, :Ho * kh, :Wo * kw] - nearest_up(mean, (Ho * kh, Wo * kw))
+        windows = self.windows(dev, kh, kw)
+        std = (windows * self.normalize(windows)).mean(-1) * math.sqrt(kh * kw)
+        std = torch.clamp_min(std, math.sqrt(self.eps)).reshape(1, Ho, Wo, C)
+        return (mean.permute(0, 2, 3, 1) + scale.permute(0, 2, 3, 1) * std).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._windows(x, _softplus(self.mu(self.hidden(x.mean((2, 3), keepdim=True)))))
