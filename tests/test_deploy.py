@@ -19,6 +19,7 @@ from timm_nlp.patching import patched_profile
 from timm_nlp.profiler import activation_profile, tflm_profile
 
 deploy = pytest.importorskip('timm_nlp.deploy', reason="needs the deploy extra: pip install 'timm-nlp[deploy]'")
+from ai_edge_litert import schema_py_generated as schema  # noqa: E402
 from timm_nlp.deploy.calibration import calibration_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,6 +50,15 @@ def _int8(images: torch.Tensor, exported) -> np.ndarray:
 def _float(outputs: np.ndarray, exported) -> np.ndarray:
     _, _, scale, zero = exported.io['outputs'][0]
     return (outputs.astype(np.float32) - zero).reshape(len(outputs), -1) * scale
+
+
+def _unreferenced_activations(flat: bytes) -> list:
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flat, 0))
+    sg = model.subgraphs[0]
+    used = set(sg.inputs) | set(sg.outputs)
+    for op in sg.operators:
+        used.update(op.inputs, op.outputs)
+    return [t.name for i, t in enumerate(sg.tensors) if i not in used and model.buffers[t.buffer].data is None]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -148,6 +158,10 @@ def test_a_gaussian_pool_deploys_fully_int8():
     with torch.no_grad():
         ref = model(images[:8]).numpy()
     assert _cosine(_float(out, exported), ref).mean() > 0.9
+    # the fusions leave no tensor behind (TFLite Micro would allocate it), and the count is the measured head
+    assert _unreferenced_activations(exported.flatbuffer) == []
+    arena = deploy.tflm_arena(exported.flatbuffer, search=False)
+    assert activation_profile(model, (3, 48, 48), dtype='int8', accounting='tflm').peak_bytes == arena.head
 
 
 def test_layers_without_an_exact_export_form_are_named_before_converting():

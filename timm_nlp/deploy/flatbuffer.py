@@ -1,6 +1,6 @@
 """Reading and editing TFLite flatbuffers (LiteRT's schema): the op list, which ops compute in float, the int8 model
-interface, ops moved to float where TFLite Micro has no int8 kernel, long softmax rows given an int16 output, and the
-activation memory of the graph."""
+interface, the ops the converter decomposes fused back into the one int8 kernel TFLite Micro has for them, long
+softmax rows given an int16 output, and the activation memory of the graph."""
 import copy
 import os
 import tempfile
@@ -21,6 +21,7 @@ __all__ = [
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
 _TYPE_NAMES = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith('_')}
+_ALIGN = 16  # TFLite Micro's buffer alignment
 _ITEMSIZE = {'INT8': 1, 'UINT8': 1, 'BOOL': 1, 'INT16': 2, 'FLOAT16': 2, 'FLOAT32': 4, 'INT32': 4, 'INT64': 8}
 
 
@@ -152,6 +153,27 @@ def _pack(model) -> bytes:
     return bytes(builder.Output())
 
 
+def _drop_unused_tensors(model) -> None:
+    """Remove the tensors no op or subgraph interface refers to (what a fusion left behind): TFLite Micro would
+    still allocate them, all at once, in its arena's head."""
+    for k, sg in enumerate(model.subgraphs):
+        used = set(sg.inputs) | set(sg.outputs)
+        for op in sg.operators:
+            used.update(op.inputs, op.outputs, op.intermediates if op.intermediates is not None else ())
+        index = {old: new for new, old in enumerate(i for i in range(len(sg.tensors)) if i in used)}
+        index[-1] = -1
+        sg.tensors = [t for i, t in enumerate(sg.tensors) if i in used]
+        for op in sg.operators:
+            op.inputs, op.outputs = [index[i] for i in op.inputs], [index[i] for i in op.outputs]
+            if op.intermediates is not None:
+                op.intermediates = [index[i] for i in op.intermediates]
+        sg.inputs, sg.outputs = [index[i] for i in sg.inputs], [index[i] for i in sg.outputs]
+        for signature in model.signatureDefs or []:
+            if signature.subgraphIndex == k:
+                for t in (signature.inputs or []) + (signature.outputs or []):
+                    t.tensorIndex = index[t.tensorIndex]
+
+
 def _builtin(model, op) -> int:
     oc = model.operatorCodes[op.opcodeIndex]
     return max(oc.builtinCode, oc.deprecatedBuiltinCode)
@@ -204,6 +226,7 @@ def fuse_log_softmax(flat: bytes) -> Tuple[bytes, int]:
                 ops.append(lsm)
                 fused += 1
         sg.operators = ops
+    _drop_unused_tensors(model)
     return (_pack(model), fused) if fused else (flat, 0)
 
 
@@ -254,16 +277,15 @@ def fuse_l2_normalization(flat: bytes) -> Tuple[bytes, int]:
                     break
         sg.operators = [norms.get(id(op), op) for op in sg.operators if id(op) not in dropped]
         fused += len(norms)
+    _drop_unused_tensors(model)
     return (_pack(model), fused) if fused else (flat, 0)
 
 
-def live_bytes_peak(flat: bytes) -> Tuple[int, Optional[int]]:
-    """The largest sum of live activation bytes over the ops (a tensor lives from the op that writes it, or the start
-    for a model input, to its last reader, or the end for a model output) and the op where it occurs: the least
-    memory any planner needs for the activations, which TFLite Micro's greedy planner reaches on these graphs."""
-    model = _model(flat)
-    sg = model.subgraphs[0]
-    first: Dict[int, int] = {i: -1 for i in sg.inputs}
+def _lifetimes(model, sg) -> Dict[int, Tuple[int, int, int]]:
+    """Every activation tensor of the subgraph ``sg``: its bytes (16-byte aligned, as TFLite Micro allocates), the op
+    that writes it (0 for a model input) and its last reader (the end for a model output), as TFLite Micro's planner
+    sees them."""
+    first: Dict[int, int] = {i: 0 for i in sg.inputs}
     last: Dict[int, int] = {}
     for k, op in enumerate(sg.operators):
         for i in op.inputs:
@@ -274,11 +296,24 @@ def live_bytes_peak(flat: bytes) -> Tuple[int, Optional[int]]:
             last.setdefault(i, k)
     for i in sg.outputs:
         last[i] = len(sg.operators)
-    delta = np.zeros(len(sg.operators) + 2, np.int64)
+    spans = {}
     for i, k in first.items():
-        nbytes = int(np.prod(sg.tensors[i].shape)) * _ITEMSIZE.get(_TYPE_NAMES[sg.tensors[i].type], 4)
-        delta[max(k, 0)] += nbytes
-        delta[last.get(i, k) + 1] -= nbytes
+        t = sg.tensors[i]
+        nbytes = int(np.prod(t.shape)) * _ITEMSIZE.get(_TYPE_NAMES[t.type], 4)
+        spans[i] = (-(-nbytes // _ALIGN) * _ALIGN, k, last.get(i, k))
+    return spans
+
+
+def live_bytes_peak(flat: bytes) -> Tuple[int, Optional[int]]:
+    """The largest sum of live activation bytes over the ops (each tensor 16-byte aligned, live from the op that
+    writes it to its last reader) and the op where it occurs: the least memory any plan of the activations needs,
+    which TFLite Micro's planner reaches on these graphs."""
+    model = _model(flat)
+    sg = model.subgraphs[0]
+    delta = np.zeros(len(sg.operators) + 2, np.int64)
+    for nbytes, first, last in _lifetimes(model, sg).values():
+        delta[first] += nbytes
+        delta[last + 1] -= nbytes
     live = np.cumsum(delta)[:len(sg.operators)]
     if not len(live):
         return 0, None
