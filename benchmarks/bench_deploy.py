@@ -130,7 +130,9 @@ def run_memory(args: argparse.Namespace) -> None:
 def print_memory(path: str) -> None:
     rows = _load(path)
     for size in sorted({r['size'] for r in rows}):
-        at = [r for r in rows if r['size'] == size]
+        order = [(STOCK, None, False)] + [(name, patches, True) for name, patches, *_ in MEMORY]  # the table's rows
+        at = sorted((r for r in rows if r['size'] == size),
+                    key=lambda r: order.index((r['model'], r['patches'], r['widened'])))
         stock = next((r for r in at if r['model'] == STOCK and not r['patches'] and not r['widened']), None)
         table = []
         for r in at:

@@ -164,6 +164,16 @@ def test_a_gaussian_pool_deploys_fully_int8():
     assert activation_profile(model, (3, 48, 48), dtype='int8', accounting='tflm').peak_bytes == arena.head
 
 
+def test_an_l2_normalisation_the_converter_did_not_give_back_stops_the_export(monkeypatch):
+    from timm_nlp.layers import create_pool2d
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), create_pool2d('gaussian_pool', 8, 2)).eval()
+    images = torch.randn(2, 3, 16, 16)
+    assert deploy.export_tflite(model, images, observer='minmax').ops['L2_NORMALIZATION'] == 1
+    monkeypatch.setattr('timm_nlp.deploy.tflite.fuse_l2_normalization', lambda flat: (flat, 0))
+    with pytest.raises(RuntimeError, match="1 of the graph's 1 L2 normalisations were not recognised"):
+        deploy.export_tflite(model, images, observer='minmax')
+
+
 def test_layers_without_an_exact_export_form_are_named_before_converting():
     model = timm_nlp.create_model('resnet18_dfmnlp_headfix2_reduced_2222', num_classes=3)
     with pytest.raises(ExportError, match=r"'layer1.pool' \(WeightedPool2d\) cannot be exported exactly: its "

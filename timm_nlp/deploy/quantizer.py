@@ -108,6 +108,7 @@ class FullInt8Quantizer(PT2EQuantizer):
         scale, zero_point = L2Normalize.OUTPUT_QPARAMS
         self.l2_unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=scale, zero_point=zero_point,
                                                     quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
+        self.l2_normalizations = 0
         self.log_unit = FixedQParamsQuantizationSpec(dtype=torch.int8, scale=16 / 256, zero_point=127, quant_min=-128,
                                                      quant_max=127, qscheme=torch.per_tensor_affine)
 
@@ -135,7 +136,9 @@ class FullInt8Quantizer(PT2EQuantizer):
         return SharedQuantizationSpec(a) if ann is not None and ann.output_qspec is not None else self.act
 
     def annotate(self, model: GraphModule) -> GraphModule:
+        """Annotate every op of ``model``; counts its ``L2Normalize`` outputs (``l2_normalizations``)."""
         first_run: dict = {}
+        self.l2_normalizations = 0
 
         def output_spec(n: Node):
             """A fresh quantisation for the first run of an op, that of its first run for the others."""
@@ -152,6 +155,7 @@ class FullInt8Quantizer(PT2EQuantizer):
             if name == 'mul' and _in_l2_normalize(n) and any(_op_name(a) == 'rsqrt' for a in n.args):
                 n.meta['quantization_annotation'] = QuantizationAnnotation(
                     {a: self._input(a) for a in n.args}, self.l2_unit, _annotated=True)
+                self.l2_normalizations += 1
                 continue
             if name in _WEIGHTED:
                 x, w = n.args[0], n.args[1]

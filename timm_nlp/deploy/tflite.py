@@ -176,7 +176,11 @@ def export_tflite(
     with _quiet():
         flat = litert_torch.convert(converted, (nhwc[:1],), quant_config=QuantConfig(pt2e_quantizer=quantizer))
         flat = flat.model_content()
-    flat, wide = widen_softmax(fuse_l2_normalization(fuse_log_softmax(to_int8_io(flat))[0])[0])
+    flat, norms = fuse_l2_normalization(fuse_log_softmax(to_int8_io(flat))[0])
+    if norms != quantizer.l2_normalizations:  # left unfused, its int8 RSQRT would run with a ruinous range
+        raise RuntimeError(f'{quantizer.l2_normalizations - norms} of the graph\'s {quantizer.l2_normalizations} L2 '
+                           'normalisations were not recognised in the converted model as one L2_NORMALIZATION.')
+    flat, wide = widen_softmax(flat)
     seconds['convert'] = time.perf_counter() - start - seconds['export'] - seconds['calibrate']
     return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), io_quantization(flat),
                        patches, split if patches else None, chunk, wide, seconds)
