@@ -37,21 +37,21 @@ from timm_nlp.profiler import activation_profile, count_macs, tflm_profile
 from timm_nlp.tools.tables import markdown_table
 
 STOCK = 'mobilenetv2_100'
-# (model, patches, split, attention chunk, convert at 224): whole-map and patch-based, stock and the paper's grammar
+# (model, patches, split, attention chunk): whole-map and patch-based, stock and the paper's grammar
 MEMORY = [
-    ('mobilenetv2_100', None, None, 64, True),
-    ('resnet18', None, None, 64, True),
-    ('mobilenetv2_100', 4, None, 64, True),
-    ('prepool-maxp-4-mobilenet_v2-skip-1222121', None, None, 64, True),
-    ('prepool-maxp-4-mobilenet_v2-skip-1222121', 8, None, 64, True),
-    ('prepool-skip-4-mobilenet_v2-skip-1222121', None, None, 64, True),
-    ('mobilenet_v2-maxp-4222121', None, None, 64, True),
-    ('mobilenet_v2-maxp-4222121', 4, None, 64, True),
-    ('mobilenet_v2-gaussian_pool-4222121', None, None, 64, True),
-    ('mobilenet_v2-gaussian_pool-4222121', 4, None, 64, True),
-    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, 196, True),
-    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 4, 'blocks.0', 32, True),
-    ('mobilenet_v2-nlp_headfix2-2222121', None, None, 64, False),
+    ('mobilenetv2_100', None, None, 64),
+    ('resnet18', None, None, 64),
+    ('mobilenetv2_100', 4, None, 64),
+    ('prepool-maxp-4-mobilenet_v2-skip-1222121', None, None, 64),
+    ('prepool-maxp-4-mobilenet_v2-skip-1222121', 8, None, 64),
+    ('prepool-skip-4-mobilenet_v2-skip-1222121', None, None, 64),
+    ('mobilenet_v2-maxp-4222121', None, None, 64),
+    ('mobilenet_v2-maxp-4222121', 4, None, 64),
+    ('mobilenet_v2-gaussian_pool-4222121', None, None, 64),
+    ('mobilenet_v2-gaussian_pool-4222121', 4, None, 64),
+    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', None, None, 196),
+    ('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 4, 'blocks.0', 32),
+    ('mobilenet_v2-nlp_headfix2-2222121', None, None, 24),
 ]
 ACCURACY = ['resnet18', 'mobilenetv2_100', 'prepool-maxp-2-resnet18-skip-1222', 'resnet18_lip_2222',
             'resnet18_gaussian_pool_2222', 'resnet18_nlp_headfix2_2222']
@@ -117,11 +117,11 @@ def recount(path: str) -> None:
 def run_memory(args: argparse.Namespace) -> None:
     done = {(r['model'], r['size'], r['patches'], r['chunk'], r['widened']) for r in _load(args.results)}
     for size in args.sizes:
-        todo = [(STOCK, None, None, 64, True, False)] + [spec + (True,) for spec in MEMORY]
-        for name, patches, split, chunk, convert, widen in todo:
+        todo = [(STOCK, None, None, 64, False)] + [spec + (True,) for spec in MEMORY]
+        for name, patches, split, chunk, widen in todo:
             if (name, size, patches, chunk, widen) in done:
                 continue
-            row = memory_row(name, size, patches, split, chunk, convert or size < 224, widen)
+            row = memory_row(name, size, patches, split, chunk, True, widen)
             _append(args.results, row)
             print(json.dumps(row), flush=True)
     print_memory(args.results)
