@@ -1,6 +1,6 @@
 """Deployment to a microcontroller runtime: the int8 models TensorFlow Lite Micro runs and the arena it measures.
 
-    python benchmarks/bench_deploy.py memory [--sizes 128 224] [--results FILE.jsonl]
+    python benchmarks/bench_deploy.py memory [--sizes 128 224] [--models NAME ...] [--results FILE.jsonl]
     python benchmarks/bench_deploy.py accuracy [--img-size 32] [--epochs 2] [--results FILE.jsonl]
     python benchmarks/bench_deploy.py patches [--model NAME --patches 4 --split blocks.0 --img-size 224]
 
@@ -8,8 +8,7 @@
 images) whole-map and patch-based: params, MACs (of the patch schedule too), flash (the .tflite's bytes), the counted
 peaks (``mcunet`` and ``tflm`` accountings), TFLite Micro's arena (the smallest that runs, found by search; its head
 and tail), the arena's reduction against stock MobileNetV2's whole-map arena as PyTorch pads it (explicit PAD copies),
-the ops left in float and the conversion time. Networks whose conversion is out of reach (the paper's p = 1 non-local
-pools at 224 px: thousands of attention chunks) show their ``tflm`` count only.
+the ops left in float and the conversion time.
 
 ``accuracy``: networks trained on Fashion-MNIST with the package's trainer (a CPU preset: ``--img-size``, ``--epochs``),
 then exported int8 with histogram calibration on 64 training images; the top-1 on the 10,000 test images of the float
@@ -117,7 +116,8 @@ def recount(path: str) -> None:
 def run_memory(args: argparse.Namespace) -> None:
     done = {(r['model'], r['size'], r['patches'], r['chunk'], r['widened']) for r in _load(args.results)}
     for size in args.sizes:
-        todo = [(STOCK, None, None, 64, False)] + [spec + (True,) for spec in MEMORY]
+        todo = [(STOCK, None, None, 64, False)] + [spec + (True,) for spec in MEMORY
+                                                   if not args.models or spec[0] in args.models]
         for name, patches, split, chunk, widen in todo:
             if (name, size, patches, chunk, widen) in done:
                 continue
@@ -319,6 +319,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = sub.add_parser('memory', help='flash, counted peaks and TFLite Micro arenas at 128 and 224 px')
     p.add_argument('--sizes', type=int, nargs='+', default=[128, 224])
     p.add_argument('--results', default='output/bench_deploy/memory.jsonl')
+    p.add_argument('--models', nargs='+', default=None,
+                   help='measure only these of the table (default: all); the stock row is always measured')
     p.add_argument('--print-only', action='store_true')
     p.add_argument('--recount', action='store_true',
                    help="recompute the counted columns of the recorded rows (no conversion), then print")

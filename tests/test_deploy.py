@@ -114,8 +114,13 @@ def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
     exported = deploy.export_tflite(model, images[:4], chunk=100, observer='minmax')
     ops = exported.ops
     assert exported.fully_int8 and exported.wide_softmax == 2 * 6
-    # two heads: layer1's 576 queries in chunks of 100, layer2's 144 in 2 chunks; layer3, layer4: one
-    assert ops['SOFTMAX'] == 2 * 6 + 2 * 2 + 2 + 2 and ops['QUANTIZE'] == 2 * 6 and 'DEQUANTIZE' not in ops
+    # two heads: layer1's 576 queries in chunks of 100 (one SPLIT_V each); layer2's 144 at once (as many scores);
+    # layer3, layer4: one
+    assert ops['SOFTMAX'] == 2 * 6 + 2 + 2 + 2 and ops['QUANTIZE'] == 2 * 6 and 'DEQUANTIZE' not in ops
+    assert ops['SPLIT_V'] == 2, ops
+    # layer1, the peak, projects each head's queries, keys and values alone; layers 2-4 project them jointly and
+    # slice them apart (6 a pool)
+    assert ops['SLICE'] == 3 * 6, ops
     wide = [op for op in deploy.op_list(exported.flatbuffer) if op.name == 'SOFTMAX' and op.outputs[0][0] == 'INT16']
     assert len(wide) == 2 * 6 and all(op.inputs[0] == ('INT8', (100, 576)) or op.inputs[0] == ('INT8', (76, 576))
                                       for op in wide)
@@ -130,12 +135,38 @@ def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
     assert _cosine(_float(out, exported), ref).mean() > 0.95
     arena = deploy.tflm_arena(exported.flatbuffer, search=False)
     form = export_form_model(model, (3, 96, 96), chunk=100)  # batch 1, as it is deployed
-    counted = tflm_profile(form, (3, 96, 96)).peak_bytes  # the int16 softmax outputs and their int8 copies
+    profile = tflm_profile(form, (3, 96, 96))
+    counted = profile.peak_bytes  # the int16 softmax outputs and their int8 copies
     assert abs(counted - arena.head) <= 0.05 * arena.head, (counted, arena.head)
+    # each pool's second head embeds the map again: the converter keeps it (no convolution merged with another)
+    assert ops['CONV_2D'] == sum(step.kind == 'convolution' for step in profile.layers)
     unchunked = tflm_profile(export_form_model(model, (3, 96, 96), chunk=None), (3, 96, 96)).peak_bytes
     assert arena.head < unchunked - 2 * 576 * (576 - 100)  # no 576 x 576 score matrix
     with torch.no_grad():
         assert torch.allclose(form(images[:1]), model(images[:1]), atol=1e-4)
+
+
+class _Cut(nn.Module):
+    """A map cut into rows of 3 (3, 3, 2: ``torch.split``), and rows 1-3 sliced apart later."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x[0] * 2
+        return torch.cat([p * (i + 1) for i, p in enumerate(torch.split(y, 3, 0))] + [y[1:4] * 10], 0)
+
+
+def test_the_slices_of_a_split_become_one_split_v():
+    import litert_torch
+    flat = litert_torch.convert(_Cut().eval(), (torch.randn(1, 8, 5),)).model_content()
+    fused, count = deploy.fuse_split(flat)
+    assert count == 1
+    names = [op.name for op in deploy.op_list(fused)]
+    assert names.count('SPLIT_V') == 1 and names.count('SLICE') == 1  # the later slice of rows 1-3 is its own
+    assert names.index('SPLIT_V') < names.index('SLICE') and len(names) == len(deploy.op_list(flat)) - 2
+    assert _unreferenced_activations(fused) == []
+    x = torch.randn(3, 1, 8, 5).numpy()
+    np.testing.assert_array_equal(deploy.litert_reference(fused, x), deploy.litert_reference(flat, x))
+    np.testing.assert_allclose(deploy.litert_reference(fused, x)[0], _Cut()(torch.from_numpy(x[0])).numpy())
+    assert deploy.fuse_split(fused) == (fused, 0)
 
 
 @pytest.mark.slow

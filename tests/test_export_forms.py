@@ -1,13 +1,18 @@
 """Export forms (``PoolLayer.export_form``): in float they compute what the layers compute, in the ops TFLite Micro
 runs; layers without an exact one say why."""
+import itertools
+
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from reference import randomize_norms
 
+from timm_nlp.export_model import export_form_model
 from timm_nlp.layers import create_pool2d
-from timm_nlp.layers.export_ops import ExportError, ExportedOps, WindowsLast, nearest_up, tree_cat
+from timm_nlp.layers.export_ops import ExportError, ExportedOps, TwoSchedules, WindowsLast, nearest_up, tree_cat
 from timm_nlp.layers.self_attn_pool import ChunkedAttention, upsample_nearest
+from timm_nlp.models import create_model
+from timm_nlp.profiler import tflm_profile
 
 
 POOLS = [
@@ -29,9 +34,12 @@ def test_export_forms_compute_the_layers(name, size, stride, kwargs):
     x = torch.randn(1, 8, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = pool(x)
-        for chunk in (None, 7, 13):  # query chunks that do not divide the token count
+        for chunk, lean in itertools.product((None, 7, 13), (True, False)):  # chunks not dividing the tokens
             form = pool.export_form(size, chunk)
-            assert torch.allclose(form(x), ref, rtol=0, atol=1e-12 * max(1., ref.abs().max().item())), chunk
+            for m in form.modules():
+                if isinstance(m, TwoSchedules):
+                    m.lean = lean
+            assert torch.allclose(form(x), ref, rtol=0, atol=1e-12 * max(1., ref.abs().max().item())), (chunk, lean)
 
 
 class _Softmaxes(TorchFunctionMode):
@@ -59,6 +67,68 @@ def test_chunked_attention_holds_a_chunk_of_scores():
     assert torch.allclose(out, ref, atol=1e-5)
     # 600 queries, 16 at a time, the last 8; two heads
     assert seen.shapes == [(16, 600)] * 37 + [(8, 600)] + [(16, 600)] * 37 + [(8, 600)]
+
+
+def test_smaller_attentions_take_as_many_scores_at_a_time_as_the_largest():
+    """``export_form_model``'s chunk is the query rows of the attention over the most tokens; one over fewer tokens
+    takes as many rows as hold as many scores, and the model computes what it did."""
+    torch.manual_seed(0)
+    model = create_model('resnet18_nlp_headfix2_2222', num_classes=10).eval()
+    randomize_norms(model)
+    x = torch.randn(1, 3, 96, 96)
+    form = export_form_model(model, (3, 96, 96), chunk=100)
+    with torch.no_grad(), _Softmaxes() as seen:
+        out = form(x)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-4)
+    # 576 tokens in layer1: 100 rows at a time (57,600 scores); layer2's 144 tokens: 400 rows hold as many, so all
+    # 144 at once; layer3 (36), layer4 (9): all; two heads each
+    assert seen.shapes[:12] == ([(100, 576)] * 5 + [(76, 576)]) * 2
+    assert seen.shapes[12:] == [(144, 144)] * 2 + [(36, 36)] * 2 + [(9, 9)] * 2
+    whole = export_form_model(model, (3, 96, 96), chunk=None)
+    with torch.no_grad(), _Softmaxes() as seen:
+        whole(x)
+    assert seen.shapes == [(576, 576)] * 2 + [(144, 144)] * 2 + [(36, 36)] * 2 + [(9, 9)] * 2
+
+
+def test_later_heads_embed_the_map_again_rather_than_hold_its_tokens():
+    """From the map, a non-local form's second head re-embeds it (a scaled copy of the embedding): the tokens (N x E)
+    are not held through the first head's attention, which from given tokens (patch-based execution) they are."""
+    pool = create_pool2d('nlp_headfix2', 16, 2).eval()  # E = 16, two heads of 8
+    randomize_norms(pool)
+    form = pool.export_form((32, 32), 64).non_local
+    x = torch.randn(1, 16, 32, 32)
+
+    class Weights(torch.nn.Module):
+        """The token weights, and the map (which the pool reads again)."""
+
+        def __init__(self, from_tokens: bool):
+            super().__init__()
+            self.form, self.from_tokens = form, from_tokens
+
+        def forward(self, x):
+            f = self.form
+            return f.weights_of_tokens(f.embed(x)) if self.from_tokens else f.token_weights(x), x
+    with torch.no_grad():
+        assert torch.allclose(Weights(False)(x)[0], Weights(True)(x)[0], rtol=1e-5, atol=1e-6)
+    of_map, of_tokens = (tflm_profile(Weights(b), (16, 32, 32)).peak_bytes for b in (False, True))
+    N, d = 32 * 32, 8
+    assert of_map <= of_tokens - N * d, (of_map, of_tokens)
+
+
+def test_only_the_pools_at_the_peak_take_the_lean_schedule():
+    """``export_form_model`` keeps a form lean (more ops, less held) only where that lowers the counted peak: here
+    layer1's attention (576 tokens) is the peak, the later pools' are not."""
+    size = (3, 96, 96)
+    form = export_form_model(create_model('resnet18_nlp_headfix2_2222', num_classes=10, device='meta'), size, 100)
+    forms = [m for m in form.modules() if isinstance(m, TwoSchedules)]
+    assert [f.lean for f in forms] == [True, False, False, False]
+    chosen = tflm_profile(form, size)
+    forms[0].lean = False
+    assert tflm_profile(form, size).peak_bytes > chosen.peak_bytes + 576 * 8  # layer1's joint projection held
+    forms[0].lean = forms[1].lean = True
+    lean = tflm_profile(form, size)
+    assert lean.peak_bytes == chosen.peak_bytes and len(lean.layers) > len(chosen.layers)
 
 
 def test_nearest_up_and_tree_cat_are_the_layers_ops():

@@ -171,7 +171,8 @@ def _deploy_args(p: argparse.ArgumentParser, positive_int, single: bool) -> None
                    help=f"calibration images: {', '.join(CALIBRATION_SETS)}, or a folder of images")
     p.add_argument('--calib-count', type=positive_int, default=32, help='how many calibration images')
     p.add_argument('--chunk', type=positive_int, default=DEFAULT_CHUNK,
-                   help='query rows a non-local pool\'s attention computes at a time')
+                   help='query rows at a time in the non-local attention over the most tokens (one over fewer '
+                        'tokens takes as many scores at a time)')
     p.add_argument('--observer', default='histogram', choices=OBSERVERS, help='calibration observer')
     p.add_argument('--num-classes', type=positive_int, default=10, help='classes of a fresh model')
     p.add_argument('--in-chans', type=int, default=3, choices=[1, 3], help='input channels of a fresh model')

@@ -10,12 +10,13 @@ from torch import nn
 
 from timm_nlp._modules import meta_copy
 from timm_nlp.layers import CompoundLayer
-from timm_nlp.layers.export_ops import ExportError
+from timm_nlp.layers.export_ops import ExportError, TwoSchedules
+from timm_nlp.layers.self_attn_pool import balance_chunks
 
-__all__ = ['export_form_model', 'fold_batch_norms', 'widen_stride2_convs', 'DEFAULT_CHUNK', 'OBSERVERS',
-           'CALIBRATION_SETS']
+__all__ = ['export_form_model', 'choose_schedules', 'fold_batch_norms', 'widen_stride2_convs', 'DEFAULT_CHUNK',
+           'OBSERVERS', 'CALIBRATION_SETS']
 
-DEFAULT_CHUNK = 64  # query rows a non-local pool's attention computes at a time
+DEFAULT_CHUNK = 64  # query rows at a time of the non-local attention over the most tokens
 OBSERVERS = ('histogram', 'minmax')  # calibration observers of the int8 quantisation
 CALIBRATION_SETS = ('fashion-mnist', 'digits')  # the package's calibration images (or a folder)
 
@@ -107,8 +108,9 @@ def export_form_model(model: nn.Module, input_size: Tuple[int, int, int], chunk:
                       widen: bool = True) -> nn.Module:
     """A copy of ``model`` in eval mode, batch 1, as it is exported: every layer with internal steps in its export
     form for its input size (the same function in the ops TFLite Micro runs), its batch norms folded into their
-    convolutions and, with ``widen``, its stride-2 convolutions padded as TFLite pads. Raises an ``ExportError``
-    naming a layer that has no exact export form."""
+    convolutions and, with ``widen``, its stride-2 convolutions padded as TFLite pads; ``chunk`` query rows at a time
+    in the attention over the most tokens, as many as hold as many scores in any other (``balance_chunks``). Raises
+    an ``ExportError`` naming a layer that has no exact export form."""
     model = copy.deepcopy(model).eval()
     sizes = _input_sizes(model, input_size, (CompoundLayer,))
     replaced: List[str] = []
@@ -122,7 +124,34 @@ def export_form_model(model: nn.Module, input_size: Tuple[int, int, int], chunk:
         if form is not m:
             model.set_submodule(name, form)
             replaced.append(name)
+    if chunk is not None:
+        balance_chunks(model, chunk)
     fold_batch_norms(model, input_size)
     if widen:
         widen_stride2_convs(model, input_size)
+    choose_schedules(model, input_size)
     return model.eval()
+
+
+def choose_schedules(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
+    """Every export form of ``model`` with two schedules (``TwoSchedules``) lean only where that lowers the model's
+    counted peak (the ``tflm`` accounting; one count per form), in place: elsewhere the lean schedule's extra ops
+    would only add to the runtime's arena tail. Returns how many stay lean.
+
+    Args:
+        model: A model holding export forms.
+        input_size: Its input (C, H, W).
+    """
+    from timm_nlp.profiler import tflm_profile
+    forms = [m for m in model.modules() if isinstance(m, TwoSchedules)]
+    if not forms:
+        return 0
+    for form in forms:
+        form.lean = True
+    best = tflm_profile(model, input_size).peak_bytes
+    for form in forms:
+        form.lean = False
+        peak = tflm_profile(model, input_size).peak_bytes
+        form.lean = peak > best
+        best = min(best, peak)
+    return sum(form.lean for form in forms)

@@ -15,6 +15,6 @@ except ImportError as e:
     raise ImportError(f"timm-nlp's deployment needs the deploy extra (missing: {e.name}): pip install "
                       "'timm-nlp[deploy]' (litert-torch, ai-edge-litert and the pre-release tflite-micro).") from None
 
-from .flatbuffer import float_ops, io_quantization, live_bytes_peak, op_census, op_list  # noqa: E402
+from .flatbuffer import float_ops, fuse_split, io_quantization, live_bytes_peak, op_census, op_list  # noqa: E402
 from .tflite import TFLiteModel, export_tflite  # noqa: E402
 from .tflm import ArenaUse, TFLMError, litert_reference, lsb_agreement, tflm_arena, tflm_run  # noqa: E402

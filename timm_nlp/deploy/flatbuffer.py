@@ -16,7 +16,7 @@ from timm_nlp.layers.export_ops import INT8_SOFTMAX_MAX_ROW
 
 __all__ = [
     'OpInfo', 'op_list', 'op_census', 'float_ops', 'io_quantization', 'to_int8_io', 'widen_softmax',
-    'fuse_log_softmax', 'fuse_l2_normalization', 'live_bytes_peak',
+    'fuse_log_softmax', 'fuse_l2_normalization', 'fuse_split', 'live_bytes_peak',
 ]
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith('_')}
@@ -277,6 +277,70 @@ def fuse_l2_normalization(flat: bytes) -> Tuple[bytes, int]:
                     break
         sg.operators = [norms.get(id(op), op) for op in sg.operators if id(op) not in dropped]
         fused += len(norms)
+    _drop_unused_tensors(model)
+    return (_pack(model), fused) if fused else (flat, 0)
+
+
+def _const_values(model, tensor) -> Optional[np.ndarray]:
+    """The values of a constant int32 tensor (None for any other)."""
+    if tensor.type != schema.TensorType.INT32 or not _is_const(model, tensor):
+        return None
+    return np.frombuffer(bytes(bytearray(model.buffers[tensor.buffer].data)), np.int32)
+
+
+def _const_int32(model, sg, values: List[int], name: bytes) -> int:
+    """A constant int32 vector appended to the subgraph ``sg``; returns its index."""
+    buffer = schema.BufferT()
+    buffer.data = list(np.asarray(values, np.int32).tobytes())
+    model.buffers.append(buffer)
+    t = schema.TensorT()
+    t.shape, t.type, t.buffer, t.name = [len(values)], schema.TensorType.INT32, len(model.buffers) - 1, name
+    sg.tensors.append(t)
+    return len(sg.tensors) - 1
+
+
+def fuse_split(flat: bytes) -> Tuple[bytes, int]:
+    """Every run of consecutive SLICEs that cut one activation into its consecutive pieces along the first axis (the
+    converter's form of ``torch.split``) as one SPLIT_V: the same outputs, one op instead of hundreds (a query chunk
+    of ``ChunkedAttention`` each), for which TFLite Micro would keep a node and constants each. Returns the model and
+    how many were fused."""
+    model = _model(flat)
+    fused = 0
+    for sg in model.subgraphs:
+        def cut(op) -> Optional[Tuple[int, int, int]]:
+            """(input, first row, rows) of a SLICE of whole rows, else None."""
+            if _builtin(model, op) != schema.BuiltinOperator.SLICE:
+                return None
+            shape = list(sg.tensors[op.inputs[0]].shape)
+            begin, size = (_const_values(model, sg.tensors[i]) for i in op.inputs[1:3])
+            if begin is None or size is None or not shape or any(begin[1:]) or \
+                    any(s not in (-1, d) for s, d in zip(size[1:], shape[1:])):
+                return None
+            return op.inputs[0], int(begin[0]), int(shape[0] - begin[0] if size[0] == -1 else size[0])
+
+        runs: List[List[Tuple[int, int, int, 'schema.OperatorT']]] = [[]]
+        for op in sg.operators:
+            c = cut(op)
+            run = runs[-1]
+            if c is not None and run and c[0] == run[-1][0] and c[1] == run[-1][1] + run[-1][2]:
+                run.append((*c, op))
+            else:
+                runs.append([(*c, op)] if c is not None and c[1] == 0 else [])
+        splits, dropped = {}, set()
+        for run in runs:
+            if len(run) < 2 or run[-1][1] + run[-1][2] != sg.tensors[run[0][0]].shape[0]:
+                continue
+            sizes = [rows for _, _, rows, _ in run]
+            split = _op(model, schema.BuiltinOperator.SPLIT_V, [
+                run[0][0], _const_int32(model, sg, sizes, b'split_sizes'), _const_int32(model, sg, [0], b'split_axis')],
+                [op.outputs[0] for *_, op in run])
+            split.builtinOptionsType = schema.BuiltinOptions.SplitVOptions
+            split.builtinOptions = schema.SplitVOptionsT()
+            split.builtinOptions.numSplits = len(run)
+            splits[id(run[0][3])] = split
+            dropped.update(id(op) for *_, op in run)
+        sg.operators = [splits.get(id(op), op) for op in sg.operators if id(op) in splits or id(op) not in dropped]
+        fused += len(splits)
     _drop_unused_tensors(model)
     return (_pack(model), fused) if fused else (flat, 0)
 

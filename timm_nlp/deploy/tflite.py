@@ -25,8 +25,8 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from timm_nlp._modules import has_submodule
 from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
 from timm_nlp.patching import PatchBased, lowest_patched_profile
-from .flatbuffer import (float_ops, fuse_l2_normalization, fuse_log_softmax, io_quantization, op_census, to_int8_io,
-                         widen_softmax)
+from .flatbuffer import (float_ops, fuse_l2_normalization, fuse_log_softmax, fuse_split, io_quantization, op_census,
+                         to_int8_io, widen_softmax)
 from .quantizer import FullInt8Quantizer, call_site
 
 __all__ = ['TFLiteModel', 'export_tflite']
@@ -142,7 +142,8 @@ def export_tflite(
         patches: Run the high-resolution prefix on ``patches x patches`` patches in the same graph
             (``timm_nlp.patch_based``; two-pass pools included).
         split: The last unit of the patch-based prefix (default: the lowest counted peak).
-        chunk: Query rows a non-local pool's attention computes at a time (None: all).
+        chunk: Query rows at a time in the non-local attention over the most tokens; one over fewer tokens
+            takes as many scores at a time (None: all rows at once).
         widen: Pad stride-2 convolutions as TFLite does (no PAD copies; exact).
         observer: Calibration observer, 'histogram' or 'minmax' (faster).
 
@@ -180,7 +181,7 @@ def export_tflite(
     if norms != quantizer.l2_normalizations:  # left unfused, its int8 RSQRT would run with a ruinous range
         raise RuntimeError(f'{quantizer.l2_normalizations - norms} of the graph\'s {quantizer.l2_normalizations} L2 '
                            'normalisations were not recognised in the converted model as one L2_NORMALIZATION.')
-    flat, wide = widen_softmax(flat)
+    flat, wide = widen_softmax(fuse_split(flat)[0])
     seconds['convert'] = time.perf_counter() - start - seconds['export'] - seconds['calibrate']
     return TFLiteModel(flat, input_size, op_census(flat), float_ops(flat), io_quantization(flat),
                        patches, split if patches else None, chunk, wide, seconds)

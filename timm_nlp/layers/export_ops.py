@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ['ExportedOps', 'L2Normalize', 'WindowsLast', 'exp_int8', 'nearest_up', 'tree_cat', 'explicit_padding',
-           'window_avg', 'ExportError', 'CONCAT_MAX_INPUTS', 'INT8_SOFTMAX_MAX_ROW']
+__all__ = ['ExportedOps', 'TwoSchedules', 'L2Normalize', 'WindowsLast', 'exp_int8', 'nearest_up', 'tree_cat',
+           'explicit_padding', 'window_avg', 'ExportError', 'CONCAT_MAX_INPUTS', 'INT8_SOFTMAX_MAX_ROW']
 
 CONCAT_MAX_INPUTS = 10
 # the longest softmax row whose exponentials (each at most 1) always sum below 512, as TFLite Micro's int8 SOFTMAX
@@ -39,6 +39,14 @@ class ExportedOps(nn.Module):
     the size of the module's output, whatever the ops it is traced as (the memory count asks it, ``tflm_profile``)."""
 
     OPS: Tuple[str, ...] = ()
+
+
+class TwoSchedules(nn.Module):
+    """An export form with two exact schedules: ``lean`` holds less at a time and runs more ops (each op adds to the
+    runtime's arena tail), otherwise fewer ops. ``timm_nlp.export_model.export_form_model`` keeps it lean only where
+    that lowers the model's counted peak."""
+
+    lean: bool = True
 
 
 class L2Normalize(ExportedOps):

@@ -9,7 +9,8 @@ The restore conv, BN, sigmoid and exp are pointwise, so they run on the p^2-time
 result is up-sampled (a gather). In training, BN's batch statistics are those of the up-sampled map: the tokens
 weighted by how many pixels each one covers, the running variance with the up-sampled map's element count.
 """
-from typing import Callable, Final, Optional, Tuple
+import copy
+from typing import Callable, Final, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -19,12 +20,12 @@ from torchvision.ops import deform_conv2d
 from timm.layers import Attention
 
 from .dynamic_conv import DynamicConv2d
-from .export_ops import ExportError, exp_int8, nearest_up, tree_cat
+from .export_ops import ExportError, TwoSchedules, exp_int8, nearest_up, tree_cat
 from .protocol import CompoundLayer, PatchSupport
 
 __all__ = [
     'DeformConv2d', 'LearnedPosEmbed2d', 'SelfAttentiveImportance', 'nlp_embed_dim', 'nearest_index',
-    'upsample_nearest', 'resample_at_offsets', 'ChunkedAttention',
+    'upsample_nearest', 'resample_at_offsets', 'ChunkedAttention', 'balance_chunks',
 ]
 
 ConvLayer = Callable[..., nn.Module]
@@ -263,10 +264,7 @@ class SelfAttentiveImportance(nn.Module):
 
     def embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The embedded tokens ``(B, E, H // p, W // p)`` of ``x`` and, if deformable, the offsets it sampled at."""
-        p = self.patch_size
-        H, W = x.shape[-2], x.shape[-1]
-        if H < p or W < p:
-            x = F.pad(x, (0, max(0, p - W), 0, max(0, p - H)))
+        x = _fill_patch(x, self.patch_size)
         offset: Optional[torch.Tensor] = None
         if self.deformable:
             t, offset = self.patch_embed(x)
@@ -358,50 +356,104 @@ class ChunkedAttention(nn.Module):
     its queries in chunks of ``chunk`` rows, so that no more than ``chunk x N`` scores exist at a time.
 
     Every product is a 2-D ``F.linear`` (FULLY_CONNECTED, the keys and the transposed values as its weights), the
-    ``1 / sqrt(d)`` scale is folded into the query projection, and the chunks' outputs are concatenated in a tree.
-    Every op is int8 in TFLite Micro (rows of scores longer than its int8 SOFTMAX takes get an int16 softmax output,
-    see ``timm_nlp.deploy``).
+    ``1 / sqrt(d)`` scale is folded into the query projection, each head's queries are split into the chunks at once
+    and the chunks' outputs are concatenated in a tree. Every op is int8 in TFLite Micro (rows of scores longer than
+    its int8 SOFTMAX takes get an int16 softmax output, see ``timm_nlp.deploy``). The heads run one after another,
+    their queries, keys and values projected jointly (``forward``: one FULLY_CONNECTED, ``N x 3E`` held until the
+    last head's turn) or by each head when its turn comes (``forward(t, per_head=True)``, ``head``: three each, less
+    held at a time, more ops).
 
     Args:
         attn: timm ``Attention``.
         chunk: Query rows per chunk (None: all).
+        tokens: The tokens N it attends over, where known (``balance_chunks`` reads it).
+        scales: Per head, the factor its tokens come multiplied by to ``head`` (its projections divide it back;
+            default 1).
     """
 
-    def __init__(self, attn: Attention, chunk: Optional[int] = None):
+    def __init__(self, attn: Attention, chunk: Optional[int] = None, tokens: Optional[int] = None,
+                 scales: Optional[Sequence[float]] = None):
         super().__init__()
         if chunk is not None and chunk < 1:
             raise ValueError(f'chunk must be at least 1, not {chunk}.')
         E = attn.qkv.in_features
-        self.heads, self.dim, self.chunk = attn.num_heads, E // attn.num_heads, chunk
-        dd = {'device': attn.qkv.weight.device, 'dtype': attn.qkv.weight.dtype}
-        self.qkv = nn.Linear(E, 3 * E, bias=attn.qkv.bias is not None, **dd)
+        self.heads, self.dim, self.chunk, self.tokens = attn.num_heads, E // attn.num_heads, chunk, tokens
         with torch.no_grad():
-            scale = torch.ones(3 * E, 1, **dd)
-            scale[:E] = attn.scale
-            self.qkv.weight.copy_(attn.qkv.weight * scale)
-            if attn.qkv.bias is not None:
-                self.qkv.bias.copy_(attn.qkv.bias * scale[:, 0])
+            weight = attn.qkv.weight.unflatten(0, (3, self.heads, self.dim)).clone()
+            bias = None if attn.qkv.bias is None else attn.qkv.bias.unflatten(0, (3, self.heads, self.dim)).clone()
+            weight[0] *= attn.scale
+            if bias is not None:
+                bias[0] *= attn.scale
+            self.qkv = _linear(weight.flatten(0, 2), None if bias is None else bias.flatten())
+            if scales is not None:
+                weight /= torch.tensor(list(scales), dtype=weight.dtype, device=weight.device)[None, :, None, None]
+        self.q, self.k, self.v = (nn.ModuleList(_linear(weight[i, h], None if bias is None else bias[i, h])
+                                                for h in range(self.heads)) for i in range(3))
         self.proj = attn.proj
 
-    def _head(self, q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One head's output ``(N, d)`` from its queries, keys and values ``(N, d)``."""
         N = q.shape[0]
-        if k.shape[0] == 1:  # a softmax over one key is 1
-            return v_t.t().expand(N, -1)
+        if N == 1:  # a softmax over one key is 1
+            return v
         c = self.chunk or N
-        outs = [F.linear(F.linear(q[i:i + c], k).softmax(-1), v_t) for i in range(0, N, c)]
-        return tree_cat(outs, 0)
+        chunks = torch.split(q, c, 0) if c < N else (q,)
+        v_t = v.t()
+        return tree_cat([F.linear(F.linear(q, k).softmax(-1), v_t) for q in chunks], 0)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        E, d = self.heads * self.dim, self.dim
-        qkv = self.qkv(t)[0]
-        heads = [self._head(qkv[:, h * d:(h + 1) * d], qkv[:, E + h * d:E + (h + 1) * d],
-                            qkv[:, 2 * E + h * d:2 * E + (h + 1) * d].t()) for h in range(self.heads)]
+    def head(self, t: torch.Tensor, h: int) -> torch.Tensor:
+        """Head ``h``'s output ``(N, d)`` on the tokens ``t`` ``(N, E)`` (multiplied by its scale), projected by the
+        head alone."""
+        return self._attend(self.q[h](t), self.k[h](t), self.v[h](t))
+
+    def merge(self, heads: List[torch.Tensor]) -> torch.Tensor:
+        """The attention's output ``(1, N, E)`` from its heads' outputs."""
         return self.proj(tree_cat(heads, 1))[None]
 
+    def forward(self, t: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+        if per_head:
+            return self.merge([self.head(t[0], h) for h in range(self.heads)])
+        E, d = self.heads * self.dim, self.dim
+        qkv = self.qkv(t[0])
+        return self.merge([self._attend(qkv[:, h * d:(h + 1) * d], qkv[:, E + h * d:E + (h + 1) * d],
+                                        qkv[:, 2 * E + h * d:2 * E + (h + 1) * d]) for h in range(self.heads)])
 
-class _NonLocalExport(nn.Module):
+
+def balance_chunks(model: nn.Module, chunk: int) -> None:
+    """Every ``ChunkedAttention`` of ``model`` that knows its tokens in chunks of as many query rows as hold the
+    scores of ``chunk`` rows of the attention over the most tokens: one over fewer tokens holds no more scores at a
+    time than that one, in fewer chunks (each chunk is ops for which TFLite Micro keeps nodes and kernel data).
+
+    Args:
+        model: A model holding export forms.
+        chunk: Query rows per chunk of the attention over the most tokens.
+    """
+    attns = [m for m in model.modules() if isinstance(m, ChunkedAttention) and m.tokens]
+    most = max((a.tokens for a in attns), default=0)
+    for a in attns:
+        a.chunk = max(chunk, chunk * most // a.tokens)
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` and ``bias``."""
+    fc = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fc.weight.copy_(weight)
+        if bias is not None:
+            fc.bias.copy_(bias)
+    return fc
+
+
+class _NonLocalExport(TwoSchedules):
     """The export form of ``SelfAttentiveImportance`` for a map of ``in_size``: its position embedding a constant of
-    the token grid, its attention chunked, ``exp`` as a ratio of sigmoids, its up-sampling by constant maps."""
+    the token grid, its attention chunked, ``exp`` as a ratio of sigmoids, its up-sampling by constant maps.
+
+    ``lean`` (a choice of memory against ops, both exact): each head projects its own queries, keys and values when
+    its turn comes and, from the map (``token_weights``), each head after the first embeds the map again
+    (``_Tokens``, its tokens scaled by a power of two so that the converter does not merge it with the first), so
+    that neither the joint projection nor the ``N x E`` tokens are held through the first head's attention; from
+    given tokens (``weights_of_tokens``, the second pass of patch-based execution) every head reads them. Otherwise
+    one joint projection, fewer ops."""
 
     def __init__(self, nl: SelfAttentiveImportance, in_size: Tuple[int, int], chunk: Optional[int]):
         super().__init__()
@@ -411,25 +463,55 @@ class _NonLocalExport(nn.Module):
         self.patch_embed, self.norm, self.act = nl.patch_embed, nl.norm, nl.act
         with torch.no_grad():
             self.register_buffer('pos', nl.pos_embed(*self.grid).flatten(2).transpose(1, 2).contiguous())
-        self.attn = ChunkedAttention(nl.attn, chunk)
+        tokens, heads = self.grid[0] * self.grid[1], nl.attn.num_heads
+        self.attn = ChunkedAttention(nl.attn, chunk, tokens)
+        scales = [2. ** h for h in range(heads)]
+        self.attn_of_map = ChunkedAttention(nl.attn, chunk, tokens, scales) if heads > 1 else self.attn
+        self.tokens_again = nn.ModuleList(_Tokens(self, s) for s in scales[1:])
         self.restore, self.restore_norm = nl.restore, nl.restore_norm
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        H, W = x.shape[-2], x.shape[-1]
-        if H < p or W < p:
-            x = F.pad(x, (0, max(0, p - W), 0, max(0, p - H)))
-        return self.act(self.norm(self.patch_embed(x)))
+        return self.act(self.norm(self.patch_embed(_fill_patch(x, self.patch_size))))
+
+    def _weights(self, t: torch.Tensor) -> torch.Tensor:
+        """The token weights ``(1, C, h, w)`` from the attention's output ``t`` ``(1, N, E)``."""
+        t = t.transpose(1, 2).reshape(1, self.embed_dim, *self.grid)
+        return exp_int8(torch.sigmoid(self.restore_norm(self.restore(t))))
 
     def weights_of_tokens(self, t: torch.Tensor) -> torch.Tensor:
         """The token weights ``(1, C, h, w)`` of the embedded tokens ``t`` of the whole map."""
-        h, w = t.shape[-2], t.shape[-1]
-        t = self.attn(t.flatten(2).transpose(1, 2) + self.pos)
-        t = t.transpose(1, 2).reshape(1, self.embed_dim, h, w)
-        return exp_int8(torch.sigmoid(self.restore_norm(self.restore(t))))
+        return self._weights(self.attn(t.flatten(2).transpose(1, 2) + self.pos, self.lean))
 
     def token_weights(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weights_of_tokens(self.embed(x))
+        if not self.lean or not len(self.tokens_again):
+            return self.weights_of_tokens(self.embed(x))
+        attn = self.attn_of_map
+        heads = [attn.head((self.embed(x).flatten(2).transpose(1, 2) + self.pos)[0], 0)]
+        heads += [attn.head(tokens(x), h + 1) for h, tokens in enumerate(self.tokens_again)]
+        return self._weights(attn.merge(heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nearest_up(self.token_weights(x), (x.shape[-2], x.shape[-1]))
+
+
+class _Tokens(nn.Module):
+    """The tokens ``(N, E)`` of a non-local export form's map multiplied by ``scale`` (> 0): a copy of its embedding
+    whose norm and position embedding are scaled (the ReLU between commutes with a positive scale)."""
+
+    def __init__(self, form: _NonLocalExport, scale: float):
+        super().__init__()
+        self.patch_embed, self.act, self.patch_size = copy.deepcopy(form.patch_embed), form.act, form.patch_size
+        self.norm = copy.deepcopy(form.norm)
+        with torch.no_grad():
+            self.norm.weight.mul_(scale)
+            self.norm.bias.mul_(scale)
+            self.register_buffer('pos', form.pos[0] * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.patch_embed(_fill_patch(x, self.patch_size))))[0].flatten(1).t() + self.pos
+
+
+def _fill_patch(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``x`` zero-padded at the bottom/right to at least one ``p x p`` patch."""
+    H, W = x.shape[-2], x.shape[-1]
+    return F.pad(x, (0, max(0, p - W), 0, max(0, p - H))) if H < p or W < p else x
