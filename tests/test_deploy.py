@@ -107,6 +107,23 @@ def test_patch_based_execution_deploys_as_one_graph():
 
 
 @pytest.mark.slow
+def test_a_non_local_network_on_patches_gives_its_whole_map_outputs(monkeypatch):
+    # the first pool (stride 4: 16 x 16 tokens at 64 px, 64 queries a chunk) in the prefix: embedded patch by patch,
+    # attention on the assembled tokens; every pool lean in both models (the choice, made on each deployed graph,
+    # could differ between them, and with it the int8 steps)
+    monkeypatch.setattr('timm_nlp.export_model.choose_schedules', lambda model, input_size, deployed=None: 0)
+    model, images = _model('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 64)
+    whole = deploy.export_tflite(model, images[:4], observer='minmax')
+    patched = deploy.export_tflite(model, images[:4], patches=2, split='blocks.0', observer='minmax')
+    assert patched.fully_int8 and patched.ops['SPLIT_V'] >= 2
+    x = _int8(images[:8], patched)
+    np.testing.assert_array_equal(deploy.tflm_run(patched.flatbuffer, x), deploy.tflm_run(whole.flatbuffer, x))
+    arena = deploy.tflm_arena(patched.flatbuffer, search=False)
+    counted = patched_profile(model, (3, 64, 64), 2, 'blocks.0', dtype='int8', accounting='tflm').peak_bytes
+    assert abs(counted - arena.head) <= 0.05 * arena.head, (counted, arena.head)
+
+
+@pytest.mark.slow
 def test_a_non_local_pool_deploys_with_its_attention_in_chunks():
     # p = 1 pools: 24 x 24 = 576 tokens in layer1 (rows longer than TFLite Micro's int8 softmax output takes: an int16
     # output requantised to int8), 144 in layer2

@@ -69,6 +69,24 @@ def test_chunked_attention_holds_a_chunk_of_scores():
     assert seen.shapes == [(16, 600)] * 37 + [(8, 600)] + [(16, 600)] * 37 + [(8, 600)]
 
 
+def test_both_schedules_of_the_chunked_attention_compute_the_attention():
+    pool = create_pool2d('nlp_headfix2', 8, 2).eval()
+    attn = pool.non_local.attn
+    t = torch.randn(1, 50, pool.non_local.embed_dim)
+    with torch.no_grad():
+        ref = attn(t)
+        for scales in (None, [1., 2.]):  # a head's projections divide its tokens' scale back
+            chunked = ChunkedAttention(attn, 7, scales=scales)
+            assert torch.allclose(chunked(t), ref, atol=1e-5) and torch.allclose(chunked(t, True), ref, atol=1e-5)
+        scaled, plain = ChunkedAttention(attn, 7, scales=[1., 4.]), ChunkedAttention(attn, 7)
+        assert torch.allclose(scaled.head(t[0] * 4, 1), plain.head(t[0], 1), atol=1e-5)
+        one = t[:, :1]  # one token: its softmax is 1
+        assert torch.allclose(plain(one, True), attn(one), atol=1e-6)
+        assert torch.allclose(plain(one), attn(one), atol=1e-6)
+    with pytest.raises(ValueError, match=r'scales must be 2 positive factors \(one a head\), not \[2.0\]'):
+        ChunkedAttention(attn, scales=[2.])
+
+
 def test_smaller_attentions_take_as_many_scores_at_a_time_as_the_largest():
     """``export_form_model``'s chunk is the query rows of the attention over the most tokens; one over fewer tokens
     takes as many rows as hold as many scores, and the model computes what it did."""

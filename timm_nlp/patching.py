@@ -19,7 +19,7 @@ from torch import nn
 from ._modules import Units, has_submodule, meta_copy, model_units, substituted
 from .layers.export_ops import tree_cat
 from .layers.protocol import CompoundLayer, PoolLayer, ShapeOnly
-from .export_model import export_form_model
+from .export_model import DEFAULT_CHUNK, export_form_model
 from .profiler import ActivationProfile, activation_profile, count_macs, itemsize_of, tflm_profile
 
 __all__ = [
@@ -373,9 +373,8 @@ def patched_profile(
     if split is None:
         return lowest_patched_profile(model, input_size, patches, dtype, accounting)[1]
     if accounting == 'tflm':  # the deployed model's patch-based graph, as TFLite Micro plans it
-        deployed = PatchBased(export_form_model(meta_copy(model), input_size), patches, split)
-        deployed.plan(input_size)
-        return tflm_profile(deployed, input_size, itemsize_of(dtype))
+        return tflm_profile(deployed_patch_based(meta_copy(model), input_size, patches, split), input_size,
+                            itemsize_of(dtype))
     wrapped = PatchBased(model, patches, split)
     plan = wrapped.plan(input_size)
     h, w = plan.max_patch
@@ -407,6 +406,27 @@ def patched_profile(
     rest = activation_profile(Units(model, wrapped.rest.units, head=True), (out_chs, *plan.out_size), dtype=dtype,
                               accounting=accounting)
     return ActivationProfile(steps + rest.layers, accounting)
+
+
+def deployed_patch_based(model: nn.Module, input_size: Tuple[int, int, int], patches: int, split: str,
+                         chunk: Optional[int] = DEFAULT_CHUNK, widen: bool = True) -> 'PatchBased':
+    """``model`` as it is deployed on ``patches x patches`` patches to ``split``: its export form
+    (``export_form_model``, each layer's schedule chosen on this patch-based graph) run by ``PatchBased``, planned
+    for ``input_size``.
+
+    Args:
+        model: The model (copied).
+        input_size: Its input (C, H, W).
+        patches: Patches per side.
+        split: The last unit of the prefix.
+        chunk: Query rows at a time of the non-local attention over the most tokens.
+        widen: Pad stride-2 convolutions as TFLite pads.
+    """
+    def planned(form: nn.Module) -> PatchBased:
+        wrapped = PatchBased(form, patches, split)
+        wrapped.plan(input_size)
+        return wrapped
+    return planned(export_form_model(model, input_size, chunk, widen, deployed=planned))
 
 
 def lowest_patched_profile(

@@ -105,12 +105,13 @@ def to_int8_io(flat: bytes) -> bytes:
             return f.read()
 
 
-def _opcode(model, code: int) -> int:
+def _opcode(model, code: int, version: int = 1) -> int:
     for i, oc in enumerate(model.operatorCodes):
         if max(oc.builtinCode, oc.deprecatedBuiltinCode) == code:
+            oc.version = max(oc.version, version)
             return i
     oc = schema.OperatorCodeT()
-    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), 1
+    oc.builtinCode, oc.deprecatedBuiltinCode, oc.version = code, min(code, 127), version
     model.operatorCodes.append(oc)
     return len(model.operatorCodes) - 1
 
@@ -126,9 +127,9 @@ def _new_tensor(sg, like, type_: int, suffix: bytes, scale: Optional[float] = No
     return len(sg.tensors) - 1
 
 
-def _op(model, code: int, inputs: List[int], outputs: List[int]) -> 'schema.OperatorT':
+def _op(model, code: int, inputs: List[int], outputs: List[int], version: int = 1) -> 'schema.OperatorT':
     op = schema.OperatorT()
-    op.opcodeIndex, op.inputs, op.outputs = _opcode(model, code), inputs, outputs
+    op.opcodeIndex, op.inputs, op.outputs = _opcode(model, code, version), inputs, outputs
     return op
 
 
@@ -331,9 +332,10 @@ def fuse_split(flat: bytes) -> Tuple[bytes, int]:
             if len(run) < 2 or run[-1][1] + run[-1][2] != sg.tensors[run[0][0]].shape[0]:
                 continue
             sizes = [rows for _, _, rows, _ in run]
+            int8 = sg.tensors[run[0][0]].type == schema.TensorType.INT8
             split = _op(model, schema.BuiltinOperator.SPLIT_V, [
                 run[0][0], _const_int32(model, sg, sizes, b'split_sizes'), _const_int32(model, sg, [0], b'split_axis')],
-                [op.outputs[0] for *_, op in run])
+                [op.outputs[0] for *_, op in run], version=2 if int8 else 1)
             split.builtinOptionsType = schema.BuiltinOptions.SplitVOptions
             split.builtinOptions = schema.SplitVOptionsT()
             split.builtinOptions.numSplits = len(run)

@@ -24,7 +24,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from timm_nlp._modules import has_submodule
 from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
-from timm_nlp.patching import PatchBased, lowest_patched_profile
+from timm_nlp.patching import deployed_patch_based, lowest_patched_profile
 from .flatbuffer import (float_ops, fuse_l2_normalization, fuse_log_softmax, fuse_split, io_quantization, op_census,
                          to_int8_io, widen_softmax)
 from .quantizer import FullInt8Quantizer, call_site
@@ -153,15 +153,18 @@ def export_tflite(
     seconds: Dict[str, float] = {}
     start = time.perf_counter()
     input_size = tuple(calibration.shape[1:])
-    form = export_form_model(model, input_size, chunk, widen)
+    if patches:
+        if split is None:
+            split = lowest_patched_profile(model, input_size, patches)[0]
+        # planned (on meta copies) before the tracing, not inside it
+        patched = deployed_patch_based(model, input_size, patches, split, chunk, widen).eval()
+        form = patched.model
+    else:
+        form = export_form_model(model, input_size, chunk, widen)
     nhwc = calibration.permute(0, 2, 3, 1).contiguous()
     quantizer = FullInt8Quantizer(observer)
     prepared, root = _prepared(form, quantizer, nhwc)
     if patches:
-        if split is None:
-            split = lowest_patched_profile(model, input_size, patches)[0]
-        patched = PatchBased(form, patches, split).eval()
-        patched.plan(input_size)  # planned (on meta copies) before the tracing, not inside it
         whole, whole_root = prepared, root
         prepared, root = _prepared(patched, quantizer, nhwc)
     seconds['export'] = time.perf_counter() - start

@@ -378,6 +378,9 @@ class ChunkedAttention(nn.Module):
             raise ValueError(f'chunk must be at least 1, not {chunk}.')
         E = attn.qkv.in_features
         self.heads, self.dim, self.chunk, self.tokens = attn.num_heads, E // attn.num_heads, chunk, tokens
+        self.scales = [1.] * self.heads if scales is None else [float(s) for s in scales]
+        if len(self.scales) != self.heads or min(self.scales) <= 0:
+            raise ValueError(f'scales must be {self.heads} positive factors (one a head), not {scales}.')
         with torch.no_grad():
             weight = attn.qkv.weight.unflatten(0, (3, self.heads, self.dim)).clone()
             bias = None if attn.qkv.bias is None else attn.qkv.bias.unflatten(0, (3, self.heads, self.dim)).clone()
@@ -385,8 +388,7 @@ class ChunkedAttention(nn.Module):
             if bias is not None:
                 bias[0] *= attn.scale
             self.qkv = _linear(weight.flatten(0, 2), None if bias is None else bias.flatten())
-            if scales is not None:
-                weight /= torch.tensor(list(scales), dtype=weight.dtype, device=weight.device)[None, :, None, None]
+            weight /= torch.tensor(self.scales, dtype=weight.dtype, device=weight.device)[None, :, None, None]
         self.q, self.k, self.v = (nn.ModuleList(_linear(weight[i, h], None if bias is None else bias[i, h])
                                                 for h in range(self.heads)) for i in range(3))
         self.proj = attn.proj
@@ -404,6 +406,8 @@ class ChunkedAttention(nn.Module):
     def head(self, t: torch.Tensor, h: int) -> torch.Tensor:
         """Head ``h``'s output ``(N, d)`` on the tokens ``t`` ``(N, E)`` (multiplied by its scale), projected by the
         head alone."""
+        if t.shape[0] == 1:  # a softmax over one key is 1
+            return self.v[h](t)
         return self._attend(self.q[h](t), self.k[h](t), self.v[h](t))
 
     def merge(self, heads: List[torch.Tensor]) -> torch.Tensor:
@@ -412,7 +416,7 @@ class ChunkedAttention(nn.Module):
 
     def forward(self, t: torch.Tensor, per_head: bool = False) -> torch.Tensor:
         if per_head:
-            return self.merge([self.head(t[0], h) for h in range(self.heads)])
+            return self.merge([self.head(t[0] * s if s != 1 else t[0], h) for h, s in enumerate(self.scales)])
         E, d = self.heads * self.dim, self.dim
         qkv = self.qkv(t[0])
         return self.merge([self._attend(qkv[:, h * d:(h + 1) * d], qkv[:, E + h * d:E + (h + 1) * d],
