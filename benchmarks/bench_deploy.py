@@ -29,10 +29,9 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from timm_nlp.export_model import export_form_model
 from timm_nlp.models import create_model
 from timm_nlp.patching import deployed_patch_based, lowest_patched_profile, patched_macs, patched_profile
-from timm_nlp.profiler import activation_profile, count_macs, tflm_profile
+from timm_nlp.profiler import activation_profile, count_macs, deployed_form, tflm_profile
 from timm_nlp.tools.tables import markdown_table
 
 STOCK = 'mobilenetv2_100'
@@ -83,7 +82,7 @@ def memory_row(name: str, size: int, patches: Optional[int], split: Optional[str
               activation_profile(meta, input_size, dtype='int8', accounting='mcunet')).peak_bytes
     # what is exported, counted as TFLite Micro plans it
     deployed = (deployed_patch_based(meta, input_size, patches, split, chunk, widen) if patches else
-                export_form_model(meta, input_size, chunk, widen))
+                deployed_form(meta, input_size, chunk, widen))
     row = dict(model=name, size=size, patches=patches, split=split, chunk=chunk, widened=widen,
                params=sum(p.numel() for p in meta.parameters()), macs=count_macs(meta, input_size),
                patched_macs=patched_macs(meta, input_size, patches, split) if patches else None,

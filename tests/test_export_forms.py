@@ -12,7 +12,7 @@ from timm_nlp.layers import create_pool2d
 from timm_nlp.layers.export_ops import ExportError, ExportedOps, TwoSchedules, WindowsLast, nearest_up, tree_cat
 from timm_nlp.layers.self_attn_pool import ChunkedAttention, upsample_nearest
 from timm_nlp.models import create_model
-from timm_nlp.profiler import tflm_profile
+from timm_nlp.profiler import deployed_form, tflm_profile
 
 
 POOLS = [
@@ -135,10 +135,10 @@ def test_later_heads_embed_the_map_again_rather_than_hold_its_tokens():
 
 
 def test_only_the_pools_at_the_peak_take_the_lean_schedule():
-    """``export_form_model`` keeps a form lean (more ops, less held) only where that lowers the counted peak: here
+    """``deployed_form`` makes a form lean (more ops, less held) only where that lowers the counted peak: here
     layer1's attention (576 tokens) is the peak, the later pools' are not."""
     size = (3, 96, 96)
-    form = export_form_model(create_model('resnet18_nlp_headfix2_2222', num_classes=10, device='meta'), size, 100)
+    form = deployed_form(create_model('resnet18_nlp_headfix2_2222', num_classes=10, device='meta'), size, 100)
     forms = [m for m in form.modules() if isinstance(m, TwoSchedules)]
     assert [f.lean for f in forms] == [True, False, False, False]
     chosen = tflm_profile(form, size)

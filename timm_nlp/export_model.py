@@ -3,17 +3,17 @@ function in the ops TensorFlow Lite Micro runs), whose batch norms are folded in
 convolutions pad as TFLite pads. Used by the TFLite export (``timm_nlp.deploy``) and by the profiler's ``tflm``
 accounting, which counts this model's ops as TFLite Micro plans them; it needs nothing beyond torch."""
 import copy
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from timm_nlp._modules import meta_copy
 from timm_nlp.layers import CompoundLayer
-from timm_nlp.layers.export_ops import ExportError, TwoSchedules
+from timm_nlp.layers.export_ops import ExportError
 from timm_nlp.layers.self_attn_pool import balance_chunks
 
-__all__ = ['export_form_model', 'choose_schedules', 'fold_batch_norms', 'widen_stride2_convs', 'DEFAULT_CHUNK',
+__all__ = ['export_form_model', 'fold_batch_norms', 'widen_stride2_convs', 'DEFAULT_CHUNK',
            'TAIL_BYTES_PER_OP', 'OBSERVERS', 'CALIBRATION_SETS']
 
 DEFAULT_CHUNK = 64  # query rows at a time of the non-local attention over the most tokens
@@ -108,13 +108,13 @@ def fold_batch_norms(model: nn.Module, input_size: Tuple[int, int, int]) -> int:
 
 
 def export_form_model(model: nn.Module, input_size: Tuple[int, int, int], chunk: Optional[int] = DEFAULT_CHUNK,
-                      widen: bool = True, deployed: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+                      widen: bool = True) -> nn.Module:
     """A copy of ``model`` in eval mode, batch 1, as it is exported: every layer with internal steps in its export
     form for its input size (the same function in the ops TFLite Micro runs), its batch norms folded into their
     convolutions and, with ``widen``, its stride-2 convolutions padded as TFLite pads; ``chunk`` query rows at a time
-    in the attention over the most tokens, as many as hold as many scores in any other (``balance_chunks``); each
-    layer's schedule chosen on what is deployed of it (``deployed(form)``, e.g. its patch-based execution; default:
-    the form itself; ``choose_schedules``). Raises an ``ExportError`` naming a layer that has no exact export form."""
+    in the attention over the most tokens, as many as hold as many scores in any other (``balance_chunks``); forms
+    with two schedules lean (``timm_nlp.profiler.deployed_form`` chooses). Raises an ``ExportError`` naming a layer
+    that has no exact export form."""
     model = copy.deepcopy(model).eval()
     sizes = _input_sizes(model, input_size, (CompoundLayer,))
     replaced: List[str] = []
@@ -133,36 +133,5 @@ def export_form_model(model: nn.Module, input_size: Tuple[int, int, int], chunk:
     fold_batch_norms(model, input_size)
     if widen:
         widen_stride2_convs(model, input_size)
-    choose_schedules(model, input_size, deployed)
     return model.eval()
 
-
-def choose_schedules(model: nn.Module, input_size: Tuple[int, int, int],
-                     deployed: Optional[Callable[[nn.Module], nn.Module]] = None) -> int:
-    """Every export form of ``model`` with two schedules (``TwoSchedules``) lean only where that lowers the arena of
-    what is deployed (``deployed(model)``, default ``model``), in place: its counted peak (the ``tflm`` accounting)
-    plus ``TAIL_BYTES_PER_OP`` for each op, for the lean schedule's extra ops add to the runtime's arena tail. One
-    count per form, greedily in the model's order. Returns how many stay lean.
-
-    Args:
-        model: A model holding export forms.
-        input_size: Its input (C, H, W).
-        deployed: What is deployed of ``model`` (sharing its modules), whose arena decides.
-    """
-    from timm_nlp.profiler import tflm_profile
-    forms = [m for m in model.modules() if isinstance(m, TwoSchedules)]
-    if not forms:
-        return 0
-
-    def arena() -> int:
-        profile = tflm_profile(deployed(model) if deployed is not None else model, input_size)
-        return profile.peak_bytes + TAIL_BYTES_PER_OP * len(profile.layers)
-    for form in forms:
-        form.lean = True
-    best = arena()
-    for form in forms:
-        form.lean = False
-        joint = arena()
-        form.lean = joint > best
-        best = min(best, joint)
-    return sum(form.lean for form in forms)

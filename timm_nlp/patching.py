@@ -20,7 +20,8 @@ from ._modules import Units, has_submodule, meta_copy, model_units, substituted
 from .layers.export_ops import tree_cat
 from .layers.protocol import CompoundLayer, PoolLayer, ShapeOnly
 from .export_model import DEFAULT_CHUNK, export_form_model
-from .profiler import ActivationProfile, activation_profile, count_macs, itemsize_of, tflm_profile
+from .profiler import (ActivationProfile, activation_profile, choose_schedules, count_macs, itemsize_of,
+                       tflm_profile)
 
 __all__ = [
     'patch_based', 'PatchBased', 'PatchPlan', 'TwoPass', 'patch_plan', 'model_units', 'patched_profile',
@@ -411,7 +412,8 @@ def patched_profile(
 def deployed_patch_based(model: nn.Module, input_size: Tuple[int, int, int], patches: int, split: str,
                          chunk: Optional[int] = DEFAULT_CHUNK, widen: bool = True) -> 'PatchBased':
     """``model`` as it is deployed on ``patches x patches`` patches to ``split``: its export form
-    (``export_form_model``, each layer's schedule chosen on this patch-based graph) run by ``PatchBased``, planned
+    (``export_form_model``, each layer's schedule chosen on this patch-based graph: ``choose_schedules``) run by
+    ``PatchBased``, planned
     for ``input_size``.
 
     Args:
@@ -426,7 +428,9 @@ def deployed_patch_based(model: nn.Module, input_size: Tuple[int, int, int], pat
         wrapped = PatchBased(form, patches, split)
         wrapped.plan(input_size)
         return wrapped
-    return planned(export_form_model(model, input_size, chunk, widen, deployed=planned))
+    form = export_form_model(model, input_size, chunk, widen)
+    choose_schedules(form, input_size, planned)
+    return planned(form)
 
 
 def lowest_patched_profile(

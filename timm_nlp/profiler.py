@@ -6,7 +6,7 @@ Patch-based execution's costs are in ``timm_nlp.patching``, whole-model profiles
 ``timm_nlp.tools.profile``.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torchvision.ops  # noqa: F401  registers torch.ops.torchvision (deform_conv2d's FLOP count)
@@ -20,13 +20,13 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedRes
 from timm.models.resnet import BasicBlock, Bottleneck
 
 from ._modules import meta_copy
-from .export_model import export_form_model
-from .layers.export_ops import INT8_SOFTMAX_MAX_ROW, ExportedOps
+from .export_model import DEFAULT_CHUNK, TAIL_BYTES_PER_OP, export_form_model
+from .layers.export_ops import INT8_SOFTMAX_MAX_ROW, ExportedOps, TwoSchedules
 from .layers.protocol import CompoundLayer
 
 __all__ = [
     'count_macs', 'activation_profile', 'ActivationProfile', 'LayerMemory', 'ACCOUNTINGS', 'DTYPES', 'itemsize_of',
-    'measured_peak_bytes', 'storage_key', 'tflm_profile',
+    'measured_peak_bytes', 'storage_key', 'tflm_profile', 'choose_schedules', 'deployed_form',
 ]
 
 
@@ -186,7 +186,7 @@ def activation_profile(
         raise ValueError(f"accounting '{accounting}' is not one of {', '.join(ACCOUNTINGS)}.")
     itemsize = itemsize_of(dtype)
     if accounting == 'tflm':
-        return tflm_profile(export_form_model(meta_copy(model), input_size), input_size, itemsize)
+        return tflm_profile(deployed_form(meta_copy(model), input_size), input_size, itemsize)
     meta = meta_copy(model).to(dtype=torch.float32)
     folded = accounting != 'layers'
     step_types = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
@@ -439,3 +439,59 @@ def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: i
         out_bytes = sum(trace.sizes[b] for b in made)
         layers.append(LayerMemory(module or name, name, shape, in_bytes, out_bytes, 0, live - in_bytes - out_bytes))
     return ActivationProfile(layers, 'tflm')
+
+
+def choose_schedules(model: nn.Module, input_size: Tuple[int, int, int],
+                     deployed: Optional[Callable[[nn.Module], nn.Module]] = None) -> int:
+    """The export forms of ``model`` with two schedules (``TwoSchedules``) lean where that lowers the arena of what
+    is deployed (``deployed(model)``, sharing its modules; default ``model``), in place: from all joint, the form
+    that holds the counted peak turns lean while the arena (the ``tflm`` count's peak plus ``TAIL_BYTES_PER_OP`` an
+    op, the lean schedule's extra ops adding to the runtime's tail) falls. Returns how many are lean.
+
+    Args:
+        model: A model holding export forms (``export_form_model``).
+        input_size: Its input (C, H, W).
+        deployed: What is deployed of ``model``, whose arena decides.
+    """
+    forms = [m for m in model.modules() if isinstance(m, TwoSchedules)]
+    if not forms:
+        return 0
+    target = deployed(model) if deployed is not None else model
+    names = {id(m): n for n, m in target.named_modules()}
+    paths = [names.get(id(f)) for f in forms]
+
+    def arena() -> Tuple[ActivationProfile, int]:
+        profile = tflm_profile(target, input_size)
+        return profile, profile.peak_bytes + TAIL_BYTES_PER_OP * len(profile.layers)
+    for form in forms:
+        form.lean = False
+    profile, best = arena()
+    while True:
+        peak = profile.peak_layer.name
+        holders = [f for f, path in zip(forms, paths)
+                   if not f.lean and path is not None and (peak == path or peak.startswith(path + '.'))]
+        if not holders:
+            break
+        holders[0].lean = True
+        trial, cost = arena()
+        if cost >= best:
+            holders[0].lean = False
+            break
+        profile, best = trial, cost
+    return sum(form.lean for form in forms)
+
+
+def deployed_form(model: nn.Module, input_size: Tuple[int, int, int], chunk: Optional[int] = DEFAULT_CHUNK,
+                  widen: bool = True) -> nn.Module:
+    """``model`` as it is deployed whole-map: ``export_form_model`` with each form's schedule chosen
+    (``choose_schedules``).
+
+    Args:
+        model: The model (copied).
+        input_size: Its input (C, H, W).
+        chunk: Query rows at a time of the non-local attention over the most tokens.
+        widen: Pad stride-2 convolutions as TFLite pads.
+    """
+    form = export_form_model(model, input_size, chunk, widen)
+    choose_schedules(form, input_size)
+    return form

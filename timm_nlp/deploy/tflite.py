@@ -1,6 +1,6 @@
 """Export to TFLite with static int8 post-training quantisation, for TFLite Micro.
 
-The path: the model as it is deployed (``timm_nlp.export_model.export_form_model``: its layers in their export
+The path: the model as it is deployed (``timm_nlp.profiler.deployed_form``: its layers in their export
 forms, the ops TFLite Micro runs, norms folded, stride-2 convolutions padded as TFLite pads); optionally its
 high-resolution prefix patch by patch in the same graph (``timm_nlp.patch_based``); an NHWC int8 interface
 (``litert_torch.to_channel_last_io``); ``torch.export``; PT2E quantisation (``FullInt8Quantizer``) calibrated on real
@@ -23,8 +23,9 @@ from litert_torch.quantize.quant_config import QuantConfig
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from timm_nlp._modules import has_submodule
-from timm_nlp.export_model import DEFAULT_CHUNK, export_form_model
+from timm_nlp.export_model import DEFAULT_CHUNK
 from timm_nlp.patching import deployed_patch_based, lowest_patched_profile
+from timm_nlp.profiler import deployed_form
 from .flatbuffer import (float_ops, fuse_l2_normalization, fuse_log_softmax, fuse_split, io_quantization, op_census,
                          to_int8_io, widen_softmax)
 from .quantizer import FullInt8Quantizer, call_site
@@ -160,7 +161,7 @@ def export_tflite(
         patched = deployed_patch_based(model, input_size, patches, split, chunk, widen).eval()
         form = patched.model
     else:
-        form = export_form_model(model, input_size, chunk, widen)
+        form = deployed_form(model, input_size, chunk, widen)
     nhwc = calibration.permute(0, 2, 3, 1).contiguous()
     quantizer = FullInt8Quantizer(observer)
     prepared, root = _prepared(form, quantizer, nhwc)
