@@ -14,7 +14,7 @@ from torch import nn
 
 import timm_nlp
 from timm_nlp.export_model import export_form_model
-from timm_nlp.layers.export_ops import ExportError
+from timm_nlp.layers.export_ops import ExportError, TwoSchedules
 from timm_nlp.patching import patched_profile
 from timm_nlp.profiler import activation_profile, deployed_form, tflm_profile
 
@@ -109,10 +109,15 @@ def test_patch_based_execution_deploys_as_one_graph():
 @pytest.mark.slow
 def test_a_non_local_network_on_patches_gives_its_whole_map_outputs(monkeypatch):
     # the first pool (stride 4: 16 x 16 tokens at 64 px, 64 queries a chunk) in the prefix: embedded patch by patch,
-    # attention on the assembled tokens; every pool lean in both models (the choice, made on each deployed graph,
-    # could differ between them, and with it the int8 steps)
+    # attention on the assembled tokens; every pool in the joint schedule in both models (the lean one re-embeds the
+    # map for a second head on the whole map only, other int8 ops than from assembled tokens)
+    def joint(model, input_size, deployed=None):
+        for m in model.modules():
+            if isinstance(m, TwoSchedules):
+                m.lean = False
+        return 0
     for module in ('timm_nlp.profiler', 'timm_nlp.patching'):
-        monkeypatch.setattr(f'{module}.choose_schedules', lambda model, input_size, deployed=None: 0)
+        monkeypatch.setattr(f'{module}.choose_schedules', joint)
     model, images = _model('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 64)
     whole = deploy.export_tflite(model, images[:4], observer='minmax')
     patched = deploy.export_tflite(model, images[:4], patches=2, split='blocks.0', observer='minmax')
