@@ -180,6 +180,15 @@ def _builtin(model, op) -> int:
     return max(oc.builtinCode, oc.deprecatedBuiltinCode)
 
 
+def _readers_and_producers(sg) -> Tuple[Dict[int, int], Dict[int, 'schema.OperatorT']]:
+    """How many ops read each tensor of the subgraph ``sg``, and the op that writes each."""
+    readers: Dict[int, int] = {}
+    for op in sg.operators:
+        for i in op.inputs:
+            readers[i] = readers.get(i, 0) + 1
+    return readers, {o: op for op in sg.operators for o in op.outputs}
+
+
 def widen_softmax(flat: bytes, max_row: int = INT8_SOFTMAX_MAX_ROW) -> Tuple[bytes, int]:
     """Every int8 SOFTMAX over rows longer than ``max_row`` as SOFTMAX with an int16 output (scale 1/65536, zero
     point -32768, the kernel's fixed quantisation) -> QUANTIZE to its int8 output (its calibrated scale): TFLite
@@ -204,11 +213,7 @@ def fuse_log_softmax(flat: bytes) -> Tuple[bytes, int]:
     model = _model(flat)
     fused = 0
     for sg in model.subgraphs:
-        readers: Dict[int, int] = {}
-        for op in sg.operators:
-            for i in op.inputs:
-                readers[i] = readers.get(i, 0) + 1
-        producer = {o: op for op in sg.operators for o in op.outputs}
+        readers, producer = _readers_and_producers(sg)
         pairs = {}
         for op in sg.operators:
             src = producer.get(op.inputs[0])
@@ -239,11 +244,7 @@ def fuse_l2_normalization(flat: bytes) -> Tuple[bytes, int]:
     model = _model(flat)
     fused = 0
     for sg in model.subgraphs:
-        readers: Dict[int, int] = {}
-        for op in sg.operators:
-            for i in op.inputs:
-                readers[i] = readers.get(i, 0) + 1
-        producer = {o: op for op in sg.operators for o in op.outputs}
+        readers, producer = _readers_and_producers(sg)
 
         def chain(t: int, *codes: int):
             """The ops that produce ``t`` through ``codes`` (first the producer of ``t``), each read once."""
