@@ -108,7 +108,7 @@ def test_patch_based_execution_deploys_as_one_graph():
 
 @pytest.mark.slow
 def test_a_non_local_network_on_patches_gives_its_whole_map_outputs(monkeypatch):
-    # the first pool (stride 4: 16 x 16 tokens at 64 px, 64 queries a chunk) in the prefix: embedded patch by patch,
+    # the first pool (stride 4: 8 x 8 tokens at 64 px) in the prefix: embedded patch by patch,
     # attention on the assembled tokens; every pool in the joint schedule in both models (the lean one re-embeds the
     # map for a second head on the whole map only, other int8 ops than from assembled tokens)
     def joint(model, input_size, deployed=None):
@@ -118,14 +118,14 @@ def test_a_non_local_network_on_patches_gives_its_whole_map_outputs(monkeypatch)
         return 0
     for module in ('timm_nlp.profiler', 'timm_nlp.patching'):
         monkeypatch.setattr(f'{module}.choose_schedules', joint)
-    model, images = _model('mobilenet_v2-nlp_headfix2_nowin_reduced-4222121', 64)
+    model, images = _model('resnet18-nlp_headfix2_nowin_reduced-4222', 64)
     whole = deploy.export_tflite(model, images[:4], observer='minmax')
-    patched = deploy.export_tflite(model, images[:4], patches=2, split='blocks.0', observer='minmax')
+    patched = deploy.export_tflite(model, images[:4], patches=2, split='layer1', observer='minmax')
     assert patched.fully_int8
     x = _int8(images[:8], patched)
     np.testing.assert_array_equal(deploy.tflm_run(patched.flatbuffer, x), deploy.tflm_run(whole.flatbuffer, x))
     arena = deploy.tflm_arena(patched.flatbuffer, search=False)
-    counted = patched_profile(model, (3, 64, 64), 2, 'blocks.0', dtype='int8', accounting='tflm').peak_bytes
+    counted = patched_profile(model, (3, 64, 64), 2, 'layer1', dtype='int8', accounting='tflm').peak_bytes
     assert abs(counted - arena.head) <= 0.05 * arena.head, (counted, arena.head)
 
 
@@ -283,9 +283,9 @@ def test_the_export_and_runtime_commands(tmp_path):
     (['resnet18_dfmnlp_2222'], "'layer1.pool' (WeightedPool2d) cannot be exported exactly"),
     (['resnet18_lip_2222', '--format', 'onnx', '--patches', '2'], '--int8 and --patches apply to --format tflite'),
 ])
-def test_export_errors_are_one_line(args, message, tmp_path):
+def test_export_errors_are_one_line(args, message, tmp_path, run_cli):
     args = [a for a in args if a != '--no-int8'] + (['--int8'] if '--no-int8' not in args and 'onnx' not in args
                                                       else [])
-    proc = _cli('export', *args, '--img-size', 32, '--output', tmp_path / 'x.tflite')
+    proc = run_cli('export', *args, '--img-size', 32, '--output', tmp_path / 'x.tflite')
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith('timm-nlp export: error: ') and message in proc.stderr

@@ -171,11 +171,10 @@ def test_the_readme_shows_the_main_job_of_this_version():
                 assert column.value(result) == cell, (row[0], column.header)
 
 
-def test_every_subcommand_has_help():
+def test_every_subcommand_has_help(run_cli):
     from timm_nlp.cli import build_parser
     sub = next(a for a in build_parser()._actions if a.dest == 'command')
     assert set(sub.choices) >= {'train', 'compare', 'profile', 'push', 'convert-paper', 'stl10'}
     for name in sub.choices:
-        proc = subprocess.run([sys.executable, '-m', 'timm_nlp.cli', name, '--help'], capture_output=True, text=True,
-                              cwd=REPO)
+        proc = run_cli(name, '--help')
         assert proc.returncode == 0 and proc.stdout.startswith(f'usage: timm-nlp {name}'), (name, proc.stderr)

@@ -281,9 +281,9 @@ def _image_folder(root: Path, classes=3, per_class=6, size=24, empty_class=False
     (['--stock-weights', 'weights/resnet18.safetensors'],
      r"stock_weights file 'weights/resnet18.safetensors' does not exist"),
 ])
-def test_bad_input_fails_before_training(tmp_path, args, pattern):
+def test_bad_input_fails_before_training(tmp_path, args, pattern, run_cli):
     out = tmp_path / 'out'
-    proc = _cli('train', *args, '--output', out, check=False, timeout=120)
+    proc = run_cli('train', *args, '--output', out)
     assert proc.returncode == 2 and re.search(pattern, proc.stderr), proc.stderr[-2000:]
     assert not out.exists()
 
@@ -305,16 +305,15 @@ def test_bad_input_fails_before_training(tmp_path, args, pattern):
     (['--resume', 'no/such/last.pth.tar'], r"Resume checkpoint 'no/such/last.pth.tar' does not exist"),
     (['--initial-checkpoint', 'no/such.safetensors'], r"Checkpoint 'no/such.safetensors' does not exist"),
 ])
-def test_bad_input_is_one_line_naming_the_option(tmp_path, args, pattern):
+def test_bad_input_is_one_line_naming_the_option(tmp_path, args, pattern, run_cli):
     out = tmp_path / 'out'
-    line = _one_line_error(_cli('train', *args, '--output', out, check=False, timeout=120))
+    line = _one_line_error(run_cli('train', *args, '--output', out))
     assert re.search(pattern, line), line
     assert not out.exists()
 
 
-def test_compare_refuses_one_resume_file_for_every_model(tmp_path):
-    line = _one_line_error(_cli('compare', '--resume', 'last.pth.tar', '--output', tmp_path / 'out', check=False,
-                                timeout=120), 'compare')
+def test_compare_refuses_one_resume_file_for_every_model(tmp_path, run_cli):
+    line = _one_line_error(run_cli('compare', '--resume', 'last.pth.tar', '--output', tmp_path / 'out'), 'compare')
     assert "--resume last.pth.tar: compare resumes each model from its own folder; use 'auto' or 'none'" in line
 
 
@@ -351,20 +350,19 @@ def test_in_chans_through_every_data_source(tmp_path, source, in_chans):
     assert read_metadata(str(out / 'model.safetensors'))['recipe']['in_chans'] == in_chans
 
 
-def test_empty_class_folder_fails_before_training(tmp_path):
+def test_empty_class_folder_fails_before_training(tmp_path, run_cli):
     data = _image_folder(tmp_path / 'data', empty_class=True)
-    proc = _cli('train', '--data-dir', data, '--output', tmp_path / 'out', check=False, timeout=120)
+    proc = run_cli('train', '--data-dir', data, '--output', tmp_path / 'out')
     assert proc.returncode == 2 and "Class folder" in proc.stderr and 'class2' in proc.stderr
     assert 'contains no images' in proc.stderr and not (tmp_path / 'out').exists()
 
 
-def test_eval_classes_missing_from_train_fail_before_training(tmp_path):
+def test_eval_classes_missing_from_train_fail_before_training(tmp_path, run_cli):
     data = _image_folder(tmp_path / 'data', per_class=1)
     for name in ('zebra', 'yak'):
         (data / 'val' / name).mkdir()
         Image.new('RGB', (8, 8)).save(data / 'val' / name / '0.png')
-    proc = _cli('train', '--data-dir', data, '--val-split', 'val', '--output', tmp_path / 'out', check=False,
-                timeout=120)
+    proc = run_cli('train', '--data-dir', data, '--val-split', 'val', '--output', tmp_path / 'out')
     assert proc.returncode == 2 and re.search(r"val' has classes that .*train' lacks: yak, zebra", proc.stderr)
     assert not (tmp_path / 'out').exists()
 
@@ -530,11 +528,11 @@ def test_initial_checkpoint_of_another_class_count_resets_the_head(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in loaded.items())
 
 
-def test_initial_checkpoint_of_another_architecture_fails_before_training(tmp_path):
+def test_initial_checkpoint_of_another_architecture_fails_before_training(tmp_path, run_cli):
     from timm_nlp.checkpoint import save_weights
     save_weights(str(tmp_path / 'skip.safetensors'), timm.create_model('resnet18_skip_1222').state_dict())
-    proc = _cli('train', '--model', 'resnet18_lip_2222', '--initial-checkpoint', tmp_path / 'skip.safetensors',
-                '--output', tmp_path / 'out', check=False, timeout=120)
+    proc = run_cli('train', '--model', 'resnet18_lip_2222', '--initial-checkpoint', tmp_path / 'skip.safetensors',
+                   '--output', tmp_path / 'out')
     assert proc.returncode == 2 and 'Checkpoint does not match resnet18-lip-2222' in proc.stderr, proc.stderr[-2000:]
     assert 'layer1.pool' in proc.stderr and not (tmp_path / 'out').exists()
 
@@ -571,7 +569,7 @@ def _one_line_error(proc: subprocess.CompletedProcess, command: str = 'train') -
 
 
 @pytest.mark.slow
-def test_resume_checks_the_architecture_channels_and_tensors(tmp_path):
+def test_resume_checks_the_architecture_channels_and_tensors(tmp_path, run_cli):
     """A rerun resumes under any spelling of the architecture; another architecture, input-channel count, or a
     checkpoint that lacks tensors of the model is refused in one line that names the problem."""
     out = tmp_path / 'run'
@@ -581,13 +579,13 @@ def test_resume_checks_the_architecture_channels_and_tensors(tmp_path):
             (['--model', 'resnet18_maxp_2222'], r"is a checkpoint of 'resnet18_lip_2222', not of 'resnet18_maxp_2222'"),
             (['--model', 'resnet18_lip_2222', '--in-chans', '1'],
              r'was trained with --in-chans 3: rerun with --in-chans 3, or use another --output')):
-        line = _one_line_error(_cli('train', *extra, *args, check=False, timeout=300))
+        line = _one_line_error(run_cli('train', *extra, *args))
         assert re.search(pattern, line), line
     ckpt = torch.load(out / 'last.pth.tar', weights_only=False)  # written by this test's own run
     lacking = {k: v for k, v in ckpt['state_dict'].items() if not k.startswith('layer1.pool.')}
     torch.save(dict(ckpt, state_dict=lacking), tmp_path / 'lacking.pth.tar')
-    line = _one_line_error(_cli('train', '--model', 'resnet18_lip_2222', *args, '--resume',
-                                tmp_path / 'lacking.pth.tar', check=False, timeout=300))
+    line = _one_line_error(run_cli('train', '--model', 'resnet18_lip_2222', *args, '--resume',
+                                   tmp_path / 'lacking.pth.tar'))
     assert "lacking.pth.tar' does not match resnet18_lip_2222: missing key(s) in state_dict: layer1.pool." in line
     i = args.index('--epochs') + 1
     proc = _cli('train', '--model', 'RESNET18-LIP-2222', *args[:i], '2', *args[i + 1:])
@@ -595,7 +593,7 @@ def test_resume_checks_the_architecture_channels_and_tensors(tmp_path):
     assert [int(r['epoch']) for r in _summary(out)] == [0, 1]
 
 
-def test_a_run_in_the_earlier_safetensors_format_is_refused(tmp_path):
+def test_a_run_in_the_earlier_safetensors_format_is_refused(tmp_path, run_cli):
     """Nothing of a run that an earlier timm-nlp wrote is overwritten: its resume file is refused, saying what to do."""
     import json
     from safetensors.torch import save_file
@@ -603,7 +601,7 @@ def test_a_run_in_the_earlier_safetensors_format_is_refused(tmp_path):
     out.mkdir()
     save_file({'state_dict.fc.weight': torch.zeros(10, 512)}, str(out / 'last.safetensors'),
               metadata={'timm_nlp': json.dumps(dict(epoch=0, arch='resnet18_lip_2222', saver={}))})
-    line = _one_line_error(_cli('train', '--model', 'resnet18_lip_2222', '--output', out, check=False, timeout=120))
+    line = _one_line_error(run_cli('train', '--model', 'resnet18_lip_2222', '--output', out))
     assert 'a training checkpoint of an earlier timm-nlp (safetensors)' in line and '--initial-checkpoint' in line
     assert sorted(p.name for p in out.iterdir()) == ['last.safetensors']
 
@@ -644,13 +642,12 @@ def test_amp_trains_and_resumes_the_loss_scaler(tmp_path):
     assert (state['scale'], state['_growth_tracker']) == (256., 103)  # continued over the second epoch's 3 steps
 
 
-def test_resume_from_plain_weights_is_refused(tmp_path):
+def test_resume_from_plain_weights_is_refused(tmp_path, run_cli):
     from timm_nlp.checkpoint import save_weights
     path = tmp_path / 'model.safetensors'
     save_weights(str(path), timm.create_model('resnet18_lip_2222', num_classes=10).state_dict(),
                  dict(architecture='resnet18_lip_2222', num_classes=10))
-    proc = _cli('train', '--model', 'resnet18_lip_2222', '--resume', path, '--output', tmp_path / 'out', check=False,
-                timeout=120)
+    proc = run_cli('train', '--model', 'resnet18_lip_2222', '--resume', path, '--output', tmp_path / 'out')
     assert proc.returncode == 2 and 'holds plain model weights, not a training checkpoint' in proc.stderr
     assert 'use --initial-checkpoint' in proc.stderr and not (tmp_path / 'out' / 'summary.csv').exists()
 
