@@ -413,8 +413,7 @@ def deployed_patch_based(model: nn.Module, input_size: Tuple[int, int, int], pat
                          chunk: Optional[int] = DEFAULT_CHUNK, widen: bool = True) -> 'PatchBased':
     """``model`` as it is deployed on ``patches x patches`` patches to ``split``: its export form
     (``export_form_model``, each layer's schedule chosen on this patch-based graph: ``choose_schedules``) run by
-    ``PatchBased``, planned
-    for ``input_size``.
+    ``PatchBased``, planned for ``input_size``.
 
     Args:
         model: The model (copied).
@@ -424,13 +423,11 @@ def deployed_patch_based(model: nn.Module, input_size: Tuple[int, int, int], pat
         chunk: Query rows at a time of the non-local attention over the most tokens.
         widen: Pad stride-2 convolutions as TFLite pads.
     """
-    def planned(form: nn.Module) -> PatchBased:
-        wrapped = PatchBased(form, patches, split)
-        wrapped.plan(input_size)
-        return wrapped
     form = export_form_model(model, input_size, chunk, widen)
-    choose_schedules(form, input_size, planned)
-    return planned(form)
+    wrapped = PatchBased(form, patches, split)
+    wrapped.plan(input_size)
+    choose_schedules(form, input_size, wrapped)
+    return wrapped
 
 
 def lowest_patched_profile(

@@ -442,9 +442,9 @@ def tflm_profile(model: nn.Module, input_size: Tuple[int, int, int], itemsize: i
 
 
 def choose_schedules(model: nn.Module, input_size: Tuple[int, int, int],
-                     deployed: Optional[Callable[[nn.Module], nn.Module]] = None) -> int:
+                     deployed: Optional[nn.Module] = None) -> int:
     """The export forms of ``model`` with two schedules (``TwoSchedules``) lean where that lowers the arena of what
-    is deployed (``deployed(model)``, sharing its modules; default ``model``), in place: from all joint, the form
+    is deployed (``deployed``, sharing its modules; default ``model``), in place: from all joint, the form
     that holds the counted peak turns lean while the arena (the ``tflm`` count's peak plus ``TAIL_BYTES_PER_OP`` an
     op, the lean schedule's extra ops adding to the runtime's tail) falls. Returns how many are lean.
 
@@ -456,7 +456,7 @@ def choose_schedules(model: nn.Module, input_size: Tuple[int, int, int],
     forms = [m for m in model.modules() if isinstance(m, TwoSchedules)]
     if not forms:
         return 0
-    target = deployed(model) if deployed is not None else model
+    target = deployed if deployed is not None else model
     names = {id(m): n for n, m in target.named_modules()}
     paths = [names.get(id(f)) for f in forms]
 
